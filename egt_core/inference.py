@@ -1,0 +1,77 @@
+"""Batched early-exit inference with compaction.
+
+Per sample, the first exit whose max softmax reaches the threshold answers, else the final exit.
+Rows that exit leave the batch, so later segments only run on the rows still undecided
+(BranchyNet-style compaction); the decisions equal those of running one sample at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .models import ExitCosts, MultiExitNet
+
+
+@dataclass
+class EarlyExitResult:
+    prediction: Tensor  # (B,) long
+    exit_index: Tensor  # (B,) long, 0-based; num_exits - 1 is the final exit
+    confidence: Tensor  # (B,) max softmax of the answering exit
+    exit_probs: list[Tensor]  # per exit (B, C); NaN rows where that exit was not computed
+
+
+@torch.inference_mode()
+def predict(model: MultiExitNet, x: Tensor, threshold: float) -> EarlyExitResult:
+    """Early-exit prediction for a batch. ``threshold > 1`` runs the full path, no early heads."""
+    n, last = x.shape[0], model.num_exits - 1
+    prediction = torch.zeros(n, dtype=torch.long)
+    exit_index = torch.full((n,), last, dtype=torch.long)
+    confidence = torch.zeros(n)
+    exit_probs = [torch.full((n, model.num_classes), float("nan")) for _ in range(model.num_exits)]
+    if threshold > 1:
+        probs = model.full_path(x).softmax(1)
+        exit_probs[last] = probs
+        confidence, prediction = probs.max(1)
+        return EarlyExitResult(prediction, exit_index, confidence, exit_probs)
+
+    rows = torch.arange(n)  # original index of each row still in the batch
+    h = x
+    for k, (segment, head) in enumerate(zip(model.segments, model.heads, strict=True)):
+        h = segment(h)
+        probs = head(h)[0].softmax(1)
+        conf, pred = probs.max(1)
+        exit_probs[k][rows] = probs
+        leave = conf >= threshold if k < last else torch.ones_like(conf, dtype=torch.bool)
+        if n == 1:  # batch of one: a plain branch beats boolean indexing
+            if bool(leave):
+                prediction[rows], exit_index[rows], confidence[rows] = pred, k, conf
+                break
+            continue
+        done = rows[leave]
+        prediction[done], exit_index[done], confidence[done] = pred[leave], k, conf[leave]
+        keep = ~leave
+        if not bool(keep.any()):
+            break
+        rows, h = rows[keep], h[keep]
+    return EarlyExitResult(prediction, exit_index, confidence, exit_probs)
+
+
+def exit_mix(result: EarlyExitResult, num_exits: int) -> list[int]:
+    """How many samples each exit answered."""
+    return torch.bincount(result.exit_index, minlength=num_exits).tolist()
+
+
+def expected_flops(mix: list[int], costs: ExitCosts) -> float:
+    """Average FLOPs per sample for an exit mix; the final exit also pays for the early heads."""
+    total = sum(mix)
+    if total == 0:
+        return 0.0
+    return sum(m * costs.answer_at(k) for k, m in enumerate(mix)) / total
+
+
+def flop_ideal_speedup(mix: list[int], costs: ExitCosts) -> float:
+    """Full-path FLOPs over expected early-exit FLOPs: the speedup if time followed FLOPs."""
+    return costs.full_path / expected_flops(mix, costs)
