@@ -10,6 +10,7 @@ named in the metadata by bare file name and must stay in the checkpoint's folder
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import struct
@@ -87,6 +88,15 @@ def _sniff(path: Path) -> None:
         head = f.read(9)
     if len(head) == 0:
         raise CheckpointError(f"{path} is empty.")
+    bad_header = f"{path} is not a valid safetensors file (bad or truncated header)."
+    # A safetensors file starts with its header length (u64 little-endian) and then "{". That
+    # length's low byte can be 0x80 (the pickle opcode PROTO) or its first bytes spell "PK", so
+    # recognise the safetensors shape first and only then look for pickle / zip signatures.
+    if len(head) == 9 and head[8:9] == b"{":
+        (n,) = struct.unpack("<Q", head[:8])
+        if n > MAX_HEADER or n > path.stat().st_size - 8:
+            raise CheckpointError(bad_header)
+        return
     if head[:1] == b"\x80" or head[:2] == b"PK":
         raise CheckpointError(
             f"{path} is a pickle / torch.save file. EGT only loads safetensors checkpoints "
@@ -94,9 +104,7 @@ def _sniff(path: Path) -> None:
         )
     if len(head) < 9:
         raise CheckpointError(f"{path} is too short to be a safetensors checkpoint (truncated?).")
-    (n,) = struct.unpack("<Q", head[:8])
-    if n > MAX_HEADER or n > path.stat().st_size - 8 or head[8:9] != b"{":
-        raise CheckpointError(f"{path} is not a valid safetensors file (bad or truncated header).")
+    raise CheckpointError(bad_header)
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
@@ -136,14 +144,19 @@ def _validate(meta: Any, path: Path) -> None:
     ):
         raise CheckpointError(f"{path}: metadata 'classes' must be a list of names")
     channels = meta["in_channels"]
+    if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
+        raise CheckpointError(f"{path}: metadata 'in_channels' must be a positive integer")
     for key in ("mean", "std"):
         v = meta[key]
         if (
             not isinstance(v, list)
             or len(v) != channels
-            or not all(isinstance(x, int | float) for x in v)
+            or not all(
+                isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+                for x in v
+            )
         ):
-            raise CheckpointError(f"{path}: metadata '{key}' must list {channels} numbers")
+            raise CheckpointError(f"{path}: metadata '{key}' must list {channels} finite numbers")
     if any(s <= 0 for s in meta["std"]):
         raise CheckpointError(f"{path}: metadata 'std' must be positive")
     if not isinstance(meta["input_size"], int) or not 8 <= meta["input_size"] <= 1024:
@@ -167,41 +180,61 @@ def sidecar_path(path: str | Path, meta: dict, key: str) -> Path | None:
     return target
 
 
+def _build(meta: dict[str, Any], path: Path, device: str | None = None) -> MultiExitNet:
+    """The model the metadata describes (on ``device``; "meta" allocates no memory)."""
+    cfg = dict(meta["model_config"])
+    try:
+        in_channels = int(cfg.pop("in_channels", meta["in_channels"]))
+        num_classes = int(cfg.pop("num_classes", len(meta["classes"])))
+        if device is None:
+            model = build_model(meta["arch"], in_channels, num_classes, **cfg)
+        else:
+            with torch.device(device):
+                model = build_model(meta["arch"], in_channels, num_classes, **cfg)
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: cannot build the model: {e}") from None
+    if num_classes != len(meta["classes"]):
+        raise CheckpointError(f"{path}: {num_classes} outputs but {len(meta['classes'])} classes")
+    return model
+
+
 def load_checkpoint(
     path: str | Path, map_location: str = "cpu"
 ) -> tuple[MultiExitNet, dict[str, Any]]:
     """A ready eval-mode model and its metadata; a `CheckpointError` for anything unusable."""
     path = Path(path)
     meta = read_metadata(path)
-    cfg = dict(meta["model_config"])
+    # Check the architecture against the file's tensor shapes (read from the header) on a
+    # memory-free skeleton first: metadata asking for a huge model cannot exhaust memory, since
+    # the real model is only built once its weights are known to be in the file.
+    expected = {k: tuple(v.shape) for k, v in _build(meta, path, "meta").state_dict().items()}
     try:
-        in_channels = int(cfg.pop("in_channels", meta["in_channels"]))
-        num_classes = int(cfg.pop("num_classes", len(meta["classes"])))
-        model = build_model(meta["arch"], in_channels, num_classes, **cfg)
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: cannot build the model: {e}") from None
-    if num_classes != len(meta["classes"]):
-        raise CheckpointError(f"{path}: {num_classes} outputs but {len(meta['classes'])} classes")
-    try:
-        state = load_file(str(path), device=map_location)
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path} is truncated or corrupt: {e}") from None
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
     if missing or unexpected:
         raise CheckpointError(
             f"{path}: weights do not match {meta['arch']}: missing {missing[:3]}"
             f"{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
             f"{'...' if len(unexpected) > 3 else ''}"
         )
-    wrong = [k for k, v in state.items() if v.shape != expected[k].shape]
+    wrong = [k for k, v in shapes.items() if v != expected[k]]
     if wrong:
         k = wrong[0]
         raise CheckpointError(
-            f"{path}: shape mismatch for {k}: file has {tuple(state[k].shape)}, "
-            f"model needs {tuple(expected[k].shape)} ({len(wrong)} tensors differ)"
+            f"{path}: shape mismatch for {k}: file has {shapes[k]}, "
+            f"model needs {expected[k]} ({len(wrong)} tensors differ)"
         )
-    model.load_state_dict(state)
+    model = _build(meta, path)
+    try:
+        state = load_file(str(path), device=map_location)
+        model.load_state_dict(state)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path} is truncated or corrupt: {e}") from None
     model.eval()
     return model, meta

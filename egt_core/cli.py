@@ -85,7 +85,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     overrides = {
         k: v for k, v in vars(args).items() if k in fields and v is not None and k != "config"
     }
-    cfg = TrainConfig.from_file(args.config, **overrides) if args.config else TrainConfig(**overrides)
+    cfg = (
+        TrainConfig.from_file(args.config, **overrides) if args.config else TrainConfig(**overrides)
+    )
 
     def report(s: dict) -> None:
         accs = " ".join(f"{a * 100:.2f}" for a in s["val_accuracy"])

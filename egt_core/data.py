@@ -9,7 +9,7 @@ Specs: ``fashion-mnist``, ``shapes`` (synthetic, with ground-truth object masks)
 
 import gzip
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -19,8 +19,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset, Subset
+from torchvision.datasets import FashionMNIST, ImageFolder
 
 __all__ = [
+    "FASHION_MNIST_CLASSES",
+    "SHAPES_CLASSES",
     "DataError",
     "DatasetBundle",
     "ShapesDataset",
@@ -28,6 +31,8 @@ __all__ = [
     "known_datasets",
     "limit",
     "load_dataset",
+    "read_idx",
+    "render_shape",
 ]
 
 
@@ -194,12 +199,14 @@ def _split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[
     return sorted(perm[k:]), sorted(perm[:k])
 
 
-def _mean_std(batches: Callable[[], object], channels: int) -> tuple[tuple, tuple]:
+def _mean_std(
+    batches: Callable[[], Iterable[torch.Tensor]], channels: int
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean/std over all pixels of float images in [0, 1], accumulated in float64."""
     total = torch.zeros(channels, dtype=torch.float64)
     total_sq = torch.zeros(channels, dtype=torch.float64)
     count = 0
-    for batch in batches():  # type: ignore[attr-defined]
+    for batch in batches():
         b = batch.double().flatten(2)  # (N, C, P)
         total += b.sum(dim=(0, 2))
         total_sq += (b * b).sum(dim=(0, 2))
@@ -259,7 +266,7 @@ def read_idx(path: str | Path) -> np.ndarray:
         raise DataError(f"{path} is not an IDX image/label file (magic {magic}, want 2051 or 2049)")
     ndim = raw[3]
     dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4).astype(np.int64)
-    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).copy()  # writable for torch
     if data.size != int(np.prod(dims)):
         raise DataError(f"{path} is truncated: header says {tuple(dims)}, found {data.size} bytes")
     return data.reshape(tuple(dims))
@@ -319,8 +326,6 @@ def _fmnist_arrays(
             "Fix: `apt-get install dataset-fashion-mnist`, or pass --data-dir DIR holding the "
             "IDX files, or pass --download to fetch them."
         )
-    from torchvision.datasets import FashionMNIST
-
     root = Path(data_dir or os.environ.get("EGT_DATA") or DEFAULT_CACHE_DIR).expanduser()
     try:
         train = FashionMNIST(str(root), train=True, download=True)
@@ -341,7 +346,9 @@ def _load_fashion_mnist(
     train_x, train_y, test_x, test_y = _fmnist_arrays(data_dir, download)
 
     def as_tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.from_numpy(np.ascontiguousarray(x))[:, None], torch.from_numpy(y.astype(np.int64))
+        return torch.from_numpy(np.ascontiguousarray(x))[:, None], torch.from_numpy(
+            y.astype(np.int64)
+        )
 
     images, labels = as_tensors(train_x, train_y)
     aug = PadCropFlip(pad=2, flip=True) if augment else None
@@ -383,8 +390,8 @@ SHAPES_IMAGE_SIZE = 64
 # Fixed values, measured on train images 0..4095 of seeds 0 and 1 at 64x64 (see
 # tests/test_data.py, which re-measures them). Fixed rather than per seed so a checkpoint's
 # normalisation does not depend on which seed generated its data.
-SHAPES_MEAN = (0.4893, 0.4882, 0.4868)
-SHAPES_STD = (0.2299, 0.2307, 0.2306)
+SHAPES_MEAN = (0.5005, 0.4990, 0.4980)
+SHAPES_STD = (0.2683, 0.2691, 0.2675)
 _SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 _SUPERSAMPLE = 2  # target drawn at 2x and box-filtered: smooth edges, mask = coverage >= 50%
 
@@ -520,8 +527,11 @@ def _draw_distractors(rng: np.random.Generator, draw: ImageDraw.ImageDraw, size:
                 draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
 
 
-def _target_alpha(rng: np.random.Generator, label: int, size: int) -> np.ndarray:
-    """Coverage (H, W) in [0, 1] of the target shape at a random position, scale and rotation."""
+def _target_alpha(
+    rng: np.random.Generator, label: int, size: int
+) -> tuple[np.ndarray, tuple[float, float]]:
+    """Coverage (H, W) in [0, 1] of the target shape at a random position, scale and rotation,
+    plus the shape's centre."""
     outline, hole = _OUTLINES[label]
     radius = rng.uniform(0.30, 0.60) * size / 2  # shape extent = 30-60% of the side
     cx, cy = rng.uniform(radius + 1, size - 1 - radius, 2)
@@ -539,13 +549,16 @@ def _target_alpha(rng: np.random.Generator, label: int, size: int) -> np.ndarray
     if hole is not None:
         draw.polygon(place(hole), fill=0)
     small = layer.resize((size, size), Image.BOX)
-    return np.asarray(small, dtype=np.float32) / 255
+    return np.asarray(small, dtype=np.float32) / 255, (cx, cy)
 
 
 def _pick_target_colour(rng: np.random.Generator, under: np.ndarray) -> np.ndarray:
     """A random colour that stands out from the background pixels it covers (so the label is
     always visible), chosen among a few random candidates."""
     cands = rng.random((8, 3), dtype=np.float32)
+    if under.size == 0:
+        return cands[0]
+    under = under[:: max(1, len(under) // 256)]  # a subsample is plenty and keeps this cheap
     dist = np.linalg.norm(cands[:, None, :] - under[None, :, :], axis=2)  # (8, M)
     score = np.quantile(dist, 0.2, axis=1)
     good = np.flatnonzero(score > 0.35)
@@ -569,12 +582,13 @@ def render_shape(
     _draw_distractors(rng, ImageDraw.Draw(canvas), size)
     img = np.asarray(canvas, dtype=np.float32) / 255
 
-    alpha = _target_alpha(rng, label, size)
+    alpha, (cx, cy) = _target_alpha(rng, label, size)
     mask = alpha >= 0.5
     colour = _pick_target_colour(rng, img[mask])
     xx, yy = _grid(size)
-    g = rng.uniform(0, 2 * np.pi)  # gentle shading gradient so the fill is not flat
-    shade = 1 + rng.uniform(0, 0.35) * ((xx * np.cos(g) + yy * np.sin(g)) / size - 0.5)
+    g = rng.uniform(0, 2 * np.pi)  # gentle shading across the shape so the fill is not flat
+    ramp = ((xx - cx) * np.cos(g) + (yy - cy) * np.sin(g)) / size  # within +-0.3 on the shape
+    shade = 1 + rng.uniform(0, 0.4) * ramp
     fill = np.clip(colour * shade[..., None], 0, 1)
     img = img + (fill - img) * alpha[..., None]
     sigma = rng.uniform(0.0, 0.06)
@@ -585,7 +599,7 @@ def render_shape(
 
 
 class ShapesDataset(Dataset):
-    """Synthetic 9-class shapes on cluttered backgrounds, drawn lazily per item (~0.3 ms each).
+    """Synthetic 9-class shapes on cluttered backgrounds, drawn lazily per item (< 1 ms each).
 
     Augmentation is deliberately absent: every sample is already a fresh random placement, and
     any augmentation would also have to move the ground-truth mask.
@@ -665,25 +679,29 @@ IMAGEFOLDER_TEST_FRACTION = 0.1
 IMAGEFOLDER_STATS_IMAGES = 512
 
 
-def _imagefolder(root: Path, transform: Callable, classes: dict[str, int] | None = None):
-    """An ImageFolder, optionally forced to the train split's class indices (a val folder may
-    lack a class, which must not shift the labels of the others)."""
-    from torchvision.datasets import ImageFolder
+class _ImageFolder(ImageFolder):
+    """ImageFolder that can be pinned to the train split's class indices: a val folder may lack
+    a class, and that must not shift the labels of the others."""
 
-    class _Fixed(ImageFolder):
-        def find_classes(self, directory):  # noqa: ANN001, ANN202 - torchvision's signature
-            if classes is None:
-                return super().find_classes(directory)
-            present = sorted(e.name for e in os.scandir(directory) if e.is_dir())
-            unknown = [c for c in present if c not in classes]
-            if unknown:
-                raise DataError(
-                    f"{directory} has class folders not in train/: {', '.join(unknown)}"
-                )
-            return sorted(classes), dict(classes)
+    def __init__(self, root: str, transform: Callable, classes: dict[str, int] | None) -> None:
+        self._pinned = classes
+        super().__init__(root, transform=transform, allow_empty=classes is not None)
 
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        if self._pinned is None:
+            return super().find_classes(directory)
+        present = sorted(e.name for e in os.scandir(directory) if e.is_dir())
+        unknown = [c for c in present if c not in self._pinned]
+        if unknown:
+            raise DataError(f"{directory} has class folders not in train/: {', '.join(unknown)}")
+        return sorted(self._pinned, key=self._pinned.__getitem__), dict(self._pinned)
+
+
+def _imagefolder(
+    root: Path, transform: Callable, classes: dict[str, int] | None = None
+) -> _ImageFolder:
     try:
-        return _Fixed(str(root), transform=transform, allow_empty=classes is not None)
+        return _ImageFolder(str(root), transform=transform, classes=classes)
     except FileNotFoundError as exc:
         raise DataError(f"no usable images in {root}: {exc}") from exc
 
@@ -700,7 +718,15 @@ class _ToTensorRGB:
 
 
 class _Pipeline:
-    def __init__(self, size: int, mean, std, augment: Callable | None) -> None:  # noqa: ANN001
+    """Resize, optional augmentation, normalise: the whole per-image path for ImageFolder."""
+
+    def __init__(
+        self,
+        size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        augment: Callable[[torch.Tensor], torch.Tensor] | None,
+    ) -> None:
         self.to_tensor = _ToTensorRGB(size)
         self.mean = torch.tensor(mean, dtype=torch.float32)
         self.std = torch.tensor(std, dtype=torch.float32)
@@ -726,7 +752,7 @@ def _load_imagefolder(
     has_splits = split_root.is_dir()
     train_root = split_root if has_splits else root
 
-    # Scan once without normalisation to learn classes and statistics.
+    # Scan once without normalisation: classes, the split, then statistics from train only.
     raw = _imagefolder(train_root, _ToTensorRGB(size))
     if len(raw) == 0:
         raise DataError(f"no images found under {train_root}")
@@ -734,43 +760,48 @@ def _load_imagefolder(
     if len(class_to_idx) < 2:
         raise DataError(f"{train_root} has {len(class_to_idx)} class folder(s); need at least 2")
 
-    gen = torch.Generator().manual_seed(seed)
-    picks = torch.randperm(len(raw), generator=gen)[:IMAGEFOLDER_STATS_IMAGES].tolist()
+    rest = list(range(len(raw)))
+    folders: dict[str, Path] = {}
+    carved: dict[str, list[int]] = {}
+    for split, names, fraction, offset in (
+        ("test", ("test",), IMAGEFOLDER_TEST_FRACTION, 1),
+        ("val", ("val", "valid", "validation"), val_fraction, 0),
+    ):
+        found = [root / n for n in names if has_splits and (root / n).is_dir()]
+        if found:
+            folders[split] = found[0]
+            continue
+        if len(rest) < 3:
+            raise DataError(f"{train_root} has only {len(rest)} images; need at least 3 to split")
+        keep, take = _split_indices(len(rest), fraction, seed + offset)
+        carved[split] = [rest[i] for i in take]
+        rest = [rest[i] for i in keep]
 
-    def batches():  # noqa: ANN202
+    gen = torch.Generator().manual_seed(seed)
+    picks = torch.randperm(len(rest), generator=gen)[:IMAGEFOLDER_STATS_IMAGES].tolist()
+
+    def batches() -> Iterator[torch.Tensor]:
         for start in range(0, len(picks), 64):
-            yield torch.stack([raw[i][0] for i in picks[start : start + 64]])
+            yield torch.stack([raw[rest[i]][0] for i in picks[start : start + 64]])
 
     mean, std = _mean_std(batches, 3)
 
     aug = PadCropFlip(pad=max(1, size // 16), flip=True, mode="reflect") if augment else None
     train_all = _imagefolder(train_root, _Pipeline(size, mean, std, aug), class_to_idx)
-    plain_all = _imagefolder(train_root, _Pipeline(size, mean, std, None), class_to_idx)
-    rest = list(range(len(train_all)))
-
-    def from_folder_or_carve(names: tuple[str, ...], fraction: float, offset: int) -> Dataset:
-        nonlocal rest
-        for name in names:
-            folder = root / name
-            if has_splits and folder.is_dir():
-                ds = _imagefolder(folder, _Pipeline(size, mean, std, None), class_to_idx)
-                if len(ds) == 0:
-                    raise DataError(f"no images found under {folder}")
-                return ds
-        if len(rest) < 3:
-            raise DataError(f"{train_root} has only {len(rest)} images; need at least 3 to split")
-        keep, carved = _split_indices(len(rest), fraction, seed + offset)
-        carved_ids = [rest[i] for i in carved]
-        rest = [rest[i] for i in keep]
-        return Subset(plain_all, carved_ids)
-
-    test = from_folder_or_carve(("test",), IMAGEFOLDER_TEST_FRACTION, 1)
-    val = from_folder_or_carve(("val", "valid", "validation"), val_fraction, 0)
+    plain = _Pipeline(size, mean, std, None)
+    plain_all = _imagefolder(train_root, plain, class_to_idx)
+    evals: dict[str, Dataset] = {}
+    for split, folder in folders.items():
+        evals[split] = _imagefolder(folder, plain, class_to_idx)
+        if len(evals[split]) == 0:
+            raise DataError(f"no images found under {folder}")
+    for split, ids in carved.items():
+        evals[split] = Subset(plain_all, ids)
     return DatasetBundle(
         name="imagefolder",
         train=Subset(train_all, rest),
-        val=val,
-        test=test,
+        val=evals["val"],
+        test=evals["test"],
         classes=list(raw.classes),
         in_channels=3,
         input_size=size,
@@ -809,9 +840,7 @@ def _medmnist_arrays(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.nd
     return images, labels, names
 
 
-def _load_medmnist(
-    path: str, seed: int, augment: bool, image_size: int | None
-) -> DatasetBundle:
+def _load_medmnist(path: str, seed: int, augment: bool, image_size: int | None) -> DatasetBundle:
     del seed  # MedMNIST ships its own fixed val split
     if not path.strip():
         raise DataError("medmnist: needs a path, e.g. medmnist:/data/pathmnist.npz")
@@ -861,8 +890,10 @@ def _load_medmnist(
 
     train_x = tensors["train"][0]
     channels = train_x.shape[1]
+    if train_x.shape[-1] != train_x.shape[-2] and image_size is None:
+        raise DataError(f"{file}: images are {tuple(shape[:2])}, not square; pass an image size")
 
-    def batches():  # noqa: ANN202
+    def batches() -> Iterator[torch.Tensor]:
         for start in range(0, len(train_x), 1024):
             yield train_x[start : start + 1024].float() / 255
 

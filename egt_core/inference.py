@@ -55,7 +55,7 @@ def predict(model: MultiExitNet, x: Tensor, threshold: float) -> EarlyExitResult
         keep = ~leave
         if not bool(keep.any()):
             break
-        rows, h = rows[keep], h[keep]
+        h = h[keep]; rows = rows[:h.shape[0]]
     return EarlyExitResult(prediction, exit_index, confidence, exit_probs)
 
 

@@ -56,7 +56,11 @@ def map_distance(a: Tensor, b: Tensor, distance: str = "cosine") -> Tensor:
 
 def egt_loss(outputs: Sequence[ExitOutput], targets: Tensor, config: EGTLossConfig) -> LossTerms:
     """Total loss and each term (for logging)."""
-    weights = list(config.exit_weights or [1.0] * len(outputs))
+    weights = (
+        [1.0] * len(outputs)
+        if config.exit_weights is None
+        else [float(w) for w in config.exit_weights]
+    )
     if len(weights) != len(outputs):
         raise ValueError(f"{len(weights)} exit weights given for {len(outputs)} exits")
     ce = [F.cross_entropy(o.logits, targets) for o in outputs]

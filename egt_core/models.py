@@ -239,8 +239,12 @@ def count_parameters(model: nn.Module) -> int:
 
 def feature_grid(model: MultiExitNet, input_size: Sequence[int]) -> list[tuple[int, int]]:
     """Spatial size of each exit's CAM map for a ``(C, H, W)`` input."""
-    with torch.no_grad():
-        outs = model.eval()(torch.zeros(1, *input_size))
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            outs = model.eval()(torch.zeros(1, *input_size))
+    finally:
+        model.train(was_training)
     return [tuple(o.features.shape[-2:]) for o in outs]
 
 

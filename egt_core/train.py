@@ -285,8 +285,10 @@ def train(
                 group["lr"] = learning_rate(cfg, step, total_steps, steps_per_epoch)
             terms = egt_loss(model(x), y, loss_cfg)
             if not torch.isfinite(terms.total):
-                kept = f"the last good checkpoint is {out / LAST}" if (out / LAST).exists() else (
-                    "no checkpoint was written yet"
+                kept = (
+                    f"the last good checkpoint is {out / LAST}"
+                    if (out / LAST).exists()
+                    else ("no checkpoint was written yet")
                 )
                 raise TrainingError(
                     f"loss became {float(terms.total)} at epoch {epoch + 1}, step {i + 1}; "
@@ -295,8 +297,8 @@ def train(
             opt.zero_grad(set_to_none=True)
             terms.total.backward()
             opt.step()
-            totals["loss"] += float(terms.total) * len(y)
-            totals["consistency"] += float(sum(terms.consistency, torch.tensor(0.0))) * len(y)
+            totals["loss"] += float(terms.total.detach()) * len(y)
+            totals["consistency"] += float(sum(c.detach() for c in terms.consistency)) * len(y)
             totals["n"] += len(y)
             if bar is not loader:
                 bar.set_postfix(loss=f"{totals['loss'] / totals['n']:.3f}")

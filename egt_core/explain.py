@@ -1,0 +1,307 @@
+"""Per-exit explanation maps for display and evaluation, with one API for every method.
+
+``explain(model, x, method)`` returns every exit's map for a batch. ``"cam"`` is the trained CAM
+(the map the EGT loss shapes; one forward pass, no gradients). The other methods run the
+`pytorch_grad_cam` package once per exit, so that users can check the trained map against
+standard explainers.
+
+grad-cam is made safe for a shared model here (see REFERENCE.md, "grad-cam with a multi-exit
+model"): each exit is wrapped in `ExitSelector` so the package sees one logits tensor, one CAM
+object per exit, one target per image, and everything it changes on the model (eval mode, zeroed
+gradients, hooks) is undone by `preserved_state`. Its hooks would also see forward passes made by
+other threads, so all work on a model is serialised by a per-model lock.
+
+Maps are for display and scoring only: nothing here is differentiable or used by the training loss.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pytorch_grad_cam import (
+    EigenCAM,
+    GradCAM,
+    GradCAMPlusPlus,
+    HiResCAM,
+    LayerCAM,
+    ScoreCAM,
+    XGradCAM,
+)
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch import Tensor, nn
+
+from .attention import attention_maps, normalize_maps
+from .consistency import exit_consistency
+from .models import ExitSelector, MultiExitNet, common_map_size
+
+EXPLAINERS: dict[str, type | None] = {
+    "cam": None,  # the trained CAM, computed by `attention.attention_maps` without grad-cam
+    "gradcam": GradCAM,
+    "gradcam++": GradCAMPlusPlus,
+    "xgradcam": XGradCAM,
+    "layercam": LayerCAM,
+    "eigencam": EigenCAM,
+    "hirescam": HiResCAM,
+    "scorecam": ScoreCAM,
+}
+
+EXPLAINER_LABELS: dict[str, str] = {
+    "cam": "Trained CAM (one forward pass)",
+    "gradcam": "Grad-CAM",
+    "gradcam++": "Grad-CAM++",
+    "xgradcam": "XGrad-CAM",
+    "layercam": "LayerCAM",
+    "eigencam": "Eigen-CAM (class-agnostic)",
+    "hirescam": "HiResCAM",
+    "scorecam": "Score-CAM (slow: one forward pass per channel)",
+}
+
+COLORMAPS: tuple[str, ...] = ("jet", "viridis", "inferno", "magma", "turbo", "hot")
+_CV2_COLORMAPS = {name: getattr(cv2, f"COLORMAP_{name.upper()}") for name in COLORMAPS}
+
+SCORECAM_BATCH_SIZE = 32  # masked inputs per forward pass: bounds Score-CAM's memory
+
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+
+
+@dataclass
+class Explanation:
+    """Every exit's map for one batch, all on the CPU.
+
+    ``maps`` are for display (input resolution, each map min-max scaled to [0, 1], a constant map
+    becomes zeros). ``raw_maps`` are for consistency scores: ReLU'd maps on the exits' common
+    feature grid. For grad-cam methods the package only returns normalised, upsampled maps, so
+    their ``raw_maps`` are those maps area-downsampled to the grid; the scores are invariant to a
+    positive scale, so only the package's min shift (usually zero after its ReLU) differs.
+    """
+
+    maps: Tensor  # (B, E, H, W) float in [0, 1]
+    raw_maps: Tensor  # (B, E, h, w) ReLU'd, un-normalised, common feature grid
+    probs: Tensor  # (B, E, C) softmax of every exit
+    target_classes: Tensor  # (B,) the class every exit explains
+
+
+# --------------------------------------------------------------------------- state and locks
+
+_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.Lock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: nn.Module) -> threading.Lock:
+    """The lock shared by every caller explaining ``model`` (created on first use).
+
+    Keyed weakly, so a model dropped from a cache takes its lock with it.
+    """
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.Lock()
+        return lock
+
+
+@contextmanager
+def preserved_state(model: nn.Module) -> Iterator[nn.Module]:
+    """Undo on exit what explaining changes: train flags, ``requires_grad``, ``.grad``, hooks.
+
+    grad-cam calls ``model.eval()`` and ``model.zero_grad()`` and registers hooks; a model shared
+    with a training loop or another session must come back exactly as it was. Gradients are
+    restored as the same tensor objects with their old values. Hooks added inside the block and
+    still present on exit are removed (grad-cam releases its own; this is the safety net).
+    """
+    modules = list(model.modules())
+    training = [m.training for m in modules]
+    params = list(model.parameters())
+    requires_grad = [p.requires_grad for p in params]
+    grads = [(p.grad, None if p.grad is None else p.grad.detach().clone()) for p in params]
+    hooks = [{name: set(getattr(m, name, {})) for name in _HOOK_DICTS} for m in modules]
+    full_backward = [getattr(m, "_is_full_backward_hook", None) for m in modules]
+    try:
+        yield model
+    finally:
+        for m, flag, before, full in zip(modules, training, hooks, full_backward, strict=True):
+            m.training = flag
+            for name, keys in before.items():
+                table = getattr(m, name, None)
+                if table is not None:
+                    for key in set(table) - keys:
+                        del table[key]
+            if hasattr(m, "_is_full_backward_hook"):
+                m._is_full_backward_hook = full
+        with torch.no_grad():
+            for p, flag, (grad, values) in zip(params, requires_grad, grads, strict=True):
+                p.requires_grad_(flag)
+                if grad is not None:
+                    grad.copy_(values)
+                p.grad = grad
+
+
+# --------------------------------------------------------------------------- explaining
+
+
+def _check_inputs(
+    model: MultiExitNet, x: Tensor, method: str, target_classes: Tensor | None
+) -> Tensor | None:
+    if method not in EXPLAINERS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(EXPLAINERS)}")
+    channels = model.config["in_channels"]
+    if not isinstance(x, Tensor) or x.ndim != 4 or x.shape[0] < 1 or x.shape[1] != channels:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"x must be a (B, {channels}, H, W) tensor with B >= 1, got {shape}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
+    if target_classes is None:
+        return None
+    classes = torch.as_tensor(target_classes)
+    if classes.is_floating_point() or classes.is_complex() or classes.dtype == torch.bool:
+        raise ValueError(f"target_classes must be integers, got {classes.dtype}")
+    if tuple(classes.shape) != (x.shape[0],):
+        raise ValueError(
+            f"target_classes must have shape ({x.shape[0]},), got {tuple(classes.shape)}"
+        )
+    bad = (classes < 0) | (classes >= model.num_classes)
+    if bad.any():
+        raise ValueError(
+            f"target classes {classes[bad].tolist()} out of range [0, {model.num_classes})"
+        )
+    return classes.long()
+
+
+def _forward(model: MultiExitNet, x: Tensor, classes: Tensor | None):
+    """One eval-mode forward pass: exit outputs, probabilities and the classes to explain."""
+    model.eval()
+    with torch.no_grad():
+        outputs = model(x)
+    probs = torch.stack([o.logits.softmax(1) for o in outputs], 1)
+    if classes is None:
+        classes = outputs[-1].logits.argmax(1)
+    return outputs, probs, classes.to(x.device)
+
+
+def _grad_cam_maps(model: MultiExitNet, x: Tensor, method: str, classes: Tensor) -> Tensor:
+    """grad-cam's ``(B, E, H, W)`` maps, one CAM object per exit (called under the lock).
+
+    The parameters are frozen and the input made to require grad instead: the target layers'
+    outputs still get gradients, and no weight gradients are computed or accumulated.
+    """
+    cam_class = EXPLAINERS[method]
+    targets = [ClassifierOutputTarget(int(c)) for c in classes]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x_in = x.detach().clone().requires_grad_(True)
+    layers = model.cam_layers()
+    maps = []
+    for k in range(model.num_exits):
+        result = None
+        with cam_class(model=ExitSelector(model, k), target_layers=[layers[k]]) as cam:
+            if method == "scorecam":
+                cam.batch_size = SCORECAM_BATCH_SIZE
+            result = cam(input_tensor=x_in, targets=targets)
+        if result is None:  # grad-cam's __exit__ swallows IndexError: do not return garbage
+            raise RuntimeError(f"{EXPLAINER_LABELS[method]} failed on exit {k}")
+        maps.append(torch.from_numpy(np.asarray(result, dtype=np.float32)))
+    return torch.stack(maps, 1)
+
+
+def explain(
+    model: MultiExitNet,
+    x: Tensor,
+    method: str = "cam",
+    target_classes: Tensor | None = None,
+    lock: threading.Lock | None = None,
+) -> Explanation:
+    """Every exit's explanation of one class per image, for a batch ``x`` of ``(B, C, H, W)``.
+
+    ``target_classes`` defaults to the final exit's prediction, and every exit explains that same
+    class so that its map can be compared with the final exit's. The model is evaluated in eval
+    mode and left exactly as it was found.
+
+    ``lock`` (default: `model_lock(model)`) is held for the whole call. grad-cam's hooks fire on
+    any forward pass through the model, so even the hook-free ``"cam"`` path takes it: its
+    forward pass would otherwise be recorded by another thread's grad-cam run, and its state
+    snapshot could capture (and later restore) grad-cam's temporary eval mode and frozen params.
+    """
+    classes = _check_inputs(model, x, method, target_classes)
+    device = next(model.parameters()).device
+    x = x.detach().to(device)
+    size = tuple(x.shape[-2:])
+    lock = model_lock(model) if lock is None else lock
+    # grad-cam needs autograd even if the caller runs under no_grad or inference_mode.
+    with lock, preserved_state(model), torch.inference_mode(False), torch.enable_grad():
+        x = x.clone()  # an inference-mode tensor cannot enter autograd; a clone of it can
+        outputs, probs, classes = _forward(model, x, classes)
+        grid = common_map_size([tuple(o.features.shape[-2:]) for o in outputs])
+        if method == "cam":
+            with torch.no_grad():
+                raw = attention_maps(outputs, "cam", classes, size=grid)
+                maps = F.interpolate(raw, size=size, mode="bilinear", align_corners=False)
+        else:
+            maps = _grad_cam_maps(model, x, method, classes).to(device)
+            raw = F.interpolate(maps, size=grid, mode="area")
+    maps = normalize_maps(F.relu(maps)).clamp(0, 1)
+    return Explanation(
+        maps=maps.detach().float().cpu(),
+        raw_maps=F.relu(raw).detach().float().cpu(),
+        probs=probs.detach().float().cpu(),
+        target_classes=classes.detach().cpu(),
+    )
+
+
+def explain_consistency(expl: Explanation, k: float = 0.2) -> list[dict[str, Tensor]]:
+    """Each early exit's agreement with the final exit, scored on ``raw_maps`` (see `Explanation`).
+
+    One dict per early exit with ``cosine``, ``pearson``, ``spearman``, ``iou`` (top ``k``) and
+    ``degenerate``, each of shape ``(B,)``.
+    """
+    return exit_consistency(expl.raw_maps, k=k)
+
+
+# --------------------------------------------------------------------------- display
+
+
+def overlay(
+    image_rgb01: np.ndarray, heatmap01: np.ndarray, alpha: float = 0.5, colormap: str = "jet"
+) -> np.ndarray:
+    """Blend a colour-mapped heatmap over an image: ``(1 - alpha) * image + alpha * heat``.
+
+    ``image_rgb01`` is ``(H, W)``, ``(H, W, 1)`` or ``(H, W, 3)`` in [0, 1] (grey is repeated to
+    RGB); ``heatmap01`` is ``(h, w)`` in [0, 1] and is resized to the image if needed. Returns an
+    ``(H, W, 3)`` float32 RGB image in [0, 1], ready for panels and PNG export.
+    """
+    if colormap not in _CV2_COLORMAPS:
+        raise ValueError(f"unknown colormap {colormap!r}; choose one of {', '.join(COLORMAPS)}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    image = np.asarray(image_rgb01, dtype=np.float32)
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[..., 0]
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image must be (H, W), (H, W, 1) or (H, W, 3), got {image.shape}")
+    heat = np.asarray(heatmap01, dtype=np.float32)
+    if heat.ndim != 2:
+        raise ValueError(f"heatmap must be (H, W), got {heat.shape}")
+    height, width = image.shape[:2]
+    if heat.shape != (height, width):
+        heat = cv2.resize(heat, (width, height), interpolation=cv2.INTER_LINEAR)
+    heat = np.nan_to_num(heat, nan=0.0).clip(0, 1)
+    coloured = cv2.applyColorMap(np.uint8(np.round(heat * 255)), _CV2_COLORMAPS[colormap])
+    coloured = cv2.cvtColor(coloured, cv2.COLOR_BGR2RGB).astype(np.float32) / 255
+    out = (1 - alpha) * image.clip(0, 1) + alpha * coloured
+    return out.clip(0, 1).astype(np.float32)
