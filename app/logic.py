@@ -200,9 +200,15 @@ class ModelBundle:
 
 
 def load_bundle(path: str | os.PathLike) -> ModelBundle:
+    """Load, count FLOPs, and run once, so the first upload does not pay torch's warm-up."""
     model, meta = load_checkpoint(path)
     size = (meta["in_channels"], meta["input_size"], meta["input_size"])
-    return ModelBundle(model, meta, exit_costs(model, size))
+    costs = exit_costs(model, size)
+    x = torch.zeros(1, *size)
+    explain(model, x)
+    with model_lock(model):
+        predict(model, x, 0.5)
+    return ModelBundle(model, meta, costs)
 
 
 # --------------------------------------------------------------------------- reports
@@ -532,6 +538,7 @@ def framed(img: np.ndarray, colour: tuple[int, int, int] | None, width: int = 5)
 
 
 ANSWER_COLOUR = (22, 163, 74)
+QUIET_COLOUR = (226, 232, 240)
 
 
 def _font(size: int) -> ImageFont.ImageFont:
@@ -580,7 +587,7 @@ def compose_png(
             fill=(80, 80, 80),
             font=small,
         )
-        tiles = [(framed(upscale(m.display, factor), None), ["input", ""])]
+        tiles = [(framed(upscale(m.display, factor), QUIET_COLOUR), ["input", ""])]
         for k in range(m.num_exits):
             tile = overlay_tile(m.display, m.maps[k], alpha, colormap, factor)
             answers = k == d.exit_index
@@ -592,7 +599,7 @@ def compose_png(
                 lines.append(score_line(m.consistency[k]).replace(" · ", " "))
             else:
                 lines.append("reference map")
-            tiles.append((framed(tile, ANSWER_COLOUR if answers else None), lines))
+            tiles.append((framed(tile, ANSWER_COLOUR if answers else QUIET_COLOUR), lines))
         for col, (tile, lines) in enumerate(tiles):
             x = label_w + pad + col * (side + pad)
             canvas.paste(tile.resize((side, side), Image.Resampling.NEAREST), (x, y))

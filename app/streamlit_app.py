@@ -90,9 +90,7 @@ def choose_image(settings: views.Settings) -> tuple[bytes, str, str | None, bool
             args=(views.SOURCES[1],),
             help="Nothing is stored: images are decoded in memory. Several files: pick one below.",
         )
-    source = st.segmented_control(
-        "Analyse", views.SOURCES, key="source", label_visibility="collapsed"
-    )
+    source = st.segmented_control("Show the maps of", views.SOURCES, key="source")
     if source == views.SOURCES[1]:
         if not files:
             st.info("Upload an image above (PNG, JPEG, WebP, BMP, GIF or TIFF).")

@@ -220,28 +220,29 @@ def model_panel(
     """One model: the input, every exit's overlay, scores, the answering exit, confidences."""
     st.subheader(m.label, divider="orange" if m.key == "egt" else "gray")
     factor = logic.tile_scale(m.display.shape[0])
+    border = max(3, m.display.shape[0] * factor // 32)
     cols = st.columns(1 + m.num_exits, gap="small")
     with cols[0]:
-        st.image(logic.to_uint8(logic.upscale(m.display, factor)), width="stretch")
-        st.caption("**Input**, as the model sees it")
+        input_tile = logic.framed(logic.upscale(m.display, factor), logic.QUIET_COLOUR, border)
+        st.image(input_tile, width="stretch")
+        st.markdown("**Input**")
+        st.caption("as the model sees it")
     full = bundle.costs.full_path
     for k in range(m.num_exits):
         state = logic.exit_state(k, d)
         tile = logic.overlay_tile(m.display, m.maps[k], settings.alpha, settings.colormap, factor)
-        frame = logic.ANSWER_COLOUR if state == "answers" else None
+        frame = logic.ANSWER_COLOUR if state == "answers" else logic.QUIET_COLOUR
         with cols[k + 1]:
-            st.image(logic.framed(tile, frame, width=max(3, tile.shape[0] // 30)), width="stretch")
-            lines = [
-                f"**{logic.exit_name(k, m.num_exits)}** · "
-                f"{bundle.costs.answer_at(k) / full:.0%} FLOPs",
-                f"{classes[m.predictions[k]]} · {m.confidences[k]:.0%}",
-            ]
-            if k < m.num_exits - 1:
-                lines.append(logic.score_line(m.consistency[k]))
-            else:
-                lines.append("reference map")
-            lines.append(STATE_WORDS[state])
-            st.markdown("  \n".join(lines), help=None)
+            st.image(logic.framed(tile, frame, border), width="stretch")
+            st.markdown(
+                f"**{logic.exit_name(k, m.num_exits)}**  \n"
+                f"{classes[m.predictions[k]]} · {m.confidences[k]:.0%}"
+            )
+            score = (
+                logic.score_line(m.consistency[k]) if k < m.num_exits - 1 else "reference map"
+            )
+            st.caption(f"{score}  \n{bundle.costs.answer_at(k) / full:.0%} of full-path FLOPs")
+            st.markdown(STATE_WORDS[state])
     where = logic.exit_name(d.exit_index, m.num_exits)
     st.markdown(
         f":green-badge[{where} answers] **{classes[d.prediction]}** at {d.confidence:.0%} "

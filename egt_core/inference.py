@@ -44,7 +44,7 @@ def predict(model: MultiExitNet, x: Tensor, threshold: float) -> EarlyExitResult
         probs = head(h)[0].softmax(1)
         conf, pred = probs.max(1)
         exit_probs[k][rows] = probs
-        leave = conf >= threshold if k < last else torch.ones_like(conf, dtype=torch.bool)
+        leave = conf > threshold if k < last else torch.ones_like(conf, dtype=torch.bool)
         if n == 1:  # batch of one: a plain branch beats boolean indexing
             if bool(leave):
                 prediction[rows], exit_index[rows], confidence[rows] = pred, k, conf
@@ -55,7 +55,7 @@ def predict(model: MultiExitNet, x: Tensor, threshold: float) -> EarlyExitResult
         keep = ~leave
         if not bool(keep.any()):
             break
-        h = h[keep]; rows = rows[:h.shape[0]]
+        rows, h = rows[keep], h[keep]
     return EarlyExitResult(prediction, exit_index, confidence, exit_probs)
 
 

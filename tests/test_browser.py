@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from PIL import Image, ImageOps
 
 from test_app import write_root
 
@@ -81,9 +82,10 @@ def server(tmp_path_factory):
 def test_upload_shows_maps_and_answering_exit(server, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
-    image = REPO / "app" / "samples" / "fashion-mnist" / "05_sandal.png"
+    # A "product photo": dark sandal on white, bigger than 28 px; the app inverts and shrinks it.
+    image = Image.open(REPO / "app" / "samples" / "fashion-mnist" / "05_sandal.png")
     upload = tmp_path / "my-sandal.png"
-    upload.write_bytes(image.read_bytes())
+    ImageOps.invert(image.convert("L")).resize((112, 112), Image.Resampling.BICUBIC).save(upload)
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(
@@ -108,10 +110,17 @@ def test_upload_shows_maps_and_answering_exit(server, tmp_path):
             body = page.inner_text("body")
             assert "reference map" in body
             assert "IoU" in body or "flat map" in body
+            assert "(112×112 L)" in body
             assert "mean Pearson" in body
             assert "computed in" in body or "from cache" in body
             page.wait_for_selector(".js-plotly-plot", state="visible")
             page.wait_for_timeout(500)  # let the last images paint
             page.screenshot(path=str(ARTIFACTS / "browser.png"), full_page=True)
+
+            page.get_by_role("tab", name="Dataset results").click()
+            expect(page.get_by_text("Headline numbers")).to_be_visible()
+            expect(page.locator(".js-plotly-plot")).to_have_count(6)
+            page.wait_for_timeout(500)
+            page.screenshot(path=str(ARTIFACTS / "browser-dataset.png"), full_page=True)
         finally:
             browser.close()

@@ -112,6 +112,19 @@ def test_predict_matches_references(cases):
     assert seen_exits == {0, 1, 2}  # the thresholds exercised every exit
 
 
+def test_threshold_is_inclusive(cases):
+    """max softmax == threshold exits (>=), in the batched and the batch-of-one path."""
+    model, x = cases[0]
+    first = predict(model, x, 0.0).confidence  # exit 0's max softmax for every row
+    i = int(first.argmax())
+    got = predict(model, x, float(first[i]))
+    assert got.exit_index[i] == 0
+    assert torch.equal(got.exit_index == 0, first >= first[i])
+    one = x[i : i + 1]
+    t = float(predict(model, one, 0.0).confidence[0])  # computed at batch size 1
+    assert predict(model, one, t).exit_index[0] == 0
+
+
 def test_mixed_thresholds_use_every_exit(cases):
     model, x = cases[0]
     mixes = [exit_mix(predict(model, x, t), model.num_exits) for t in (0.5, 0.7, 0.9)]
