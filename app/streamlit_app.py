@@ -200,6 +200,7 @@ def _num_exits(group: logic.CheckpointGroup) -> int:
 
 def main() -> None:
     st.set_page_config(page_title="EGT Explorer", page_icon="🔎", layout="wide")
+    logic.use_app_threads()
     found = logic.discover(logic.checkpoint_root())
     settings = views.sidebar(found)
     if settings is None:

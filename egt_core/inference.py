@@ -26,6 +26,8 @@ class EarlyExitResult:
 @torch.inference_mode()
 def predict(model: MultiExitNet, x: Tensor, threshold: float) -> EarlyExitResult:
     """Early-exit prediction for a batch. ``threshold > 1`` runs the full path, no early heads."""
+    if model.training:
+        raise ValueError("predict needs an eval-mode model: call model.eval() first")
     n, last = x.shape[0], model.num_exits - 1
     prediction = torch.zeros(n, dtype=torch.long)
     exit_index = torch.full((n,), last, dtype=torch.long)
@@ -44,7 +46,7 @@ def predict(model: MultiExitNet, x: Tensor, threshold: float) -> EarlyExitResult
         probs = head(h)[0].softmax(1)
         conf, pred = probs.max(1)
         exit_probs[k][rows] = probs
-        leave = conf > threshold if k < last else torch.ones_like(conf, dtype=torch.bool)
+        leave = conf >= threshold if k < last else torch.ones_like(conf, dtype=torch.bool)
         if n == 1:  # batch of one: a plain branch beats boolean indexing
             if bool(leave):
                 prediction[rows], exit_index[rows], confidence[rows] = pred, k, conf
@@ -74,4 +76,5 @@ def expected_flops(mix: list[int], costs: ExitCosts) -> float:
 
 def flop_ideal_speedup(mix: list[int], costs: ExitCosts) -> float:
     """Full-path FLOPs over expected early-exit FLOPs: the speedup if time followed FLOPs."""
-    return costs.full_path / expected_flops(mix, costs)
+    expected = expected_flops(mix, costs)
+    return costs.full_path / expected if expected else 1.0

@@ -177,6 +177,16 @@ def png_bytes(size=(28, 28), mode="L", seed=0) -> bytes:
 # --------------------------------------------------------------------------- logic: checkpoints
 
 
+def test_use_app_threads():
+    before = torch.get_num_threads()
+    try:
+        assert logic.use_app_threads({}) == 1 == torch.get_num_threads()
+        assert logic.use_app_threads({"EGT_APP_THREADS": "2"}) == 2
+        assert logic.use_app_threads({"EGT_APP_THREADS": "many"}) == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_checkpoint_root_from_env(tmp_path):
     assert logic.checkpoint_root({}) == logic.DEFAULT_ROOT
     assert logic.checkpoint_root({"EGT_CHECKPOINTS": str(tmp_path)}) == tmp_path
@@ -381,10 +391,12 @@ def app(root, monkeypatch):
     from streamlit.testing.v1 import AppTest
 
     monkeypatch.setenv("EGT_CHECKPOINTS", str(root))
+    threads = torch.get_num_threads()  # the app sets its own; give other tests theirs back
     at = AppTest.from_file(APP, default_timeout=60)
     at.run()
     assert not at.exception, [e.value for e in at.exception]
-    return at
+    yield at
+    torch.set_num_threads(threads)
 
 
 def texts(at) -> str:
@@ -493,6 +505,8 @@ def test_missing_root_is_a_message(tmp_path, monkeypatch):
     from streamlit.testing.v1 import AppTest
 
     monkeypatch.setenv("EGT_CHECKPOINTS", str(tmp_path / "absent"))
+    threads = torch.get_num_threads()
     at = AppTest.from_file(APP, default_timeout=60).run()
+    torch.set_num_threads(threads)
     assert not at.exception
     assert "does not exist" in at.error[0].value
