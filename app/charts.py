@@ -30,7 +30,7 @@ def _layout(fig: go.Figure, height: int, **kw: Any) -> go.Figure:
         height=height,
         margin=dict(l=10, r=10, t=40 if kw.get("title") else 10, b=10),
         plot_bgcolor="white",
-        legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1),
+        legend=dict(orientation="h", yanchor="top", y=-0.2, xanchor="left", x=0),
         **kw,
     )
     fig.update_xaxes(showline=True, linecolor="#cbd5e1", gridcolor="#f1f5f9")
@@ -43,7 +43,7 @@ def confidence_chart(
 ) -> go.Figure:
     """Each exit's max softmax, the threshold as a line, and which exit answers."""
     colours, hover = [], []
-    for k, c in enumerate(confidences):
+    for k in range(len(confidences)):
         if k == answering:
             colours.append(ANSWER)
             hover.append("answers here")
@@ -94,10 +94,8 @@ def accuracy_chart(reports: dict[str, dict]) -> go.Figure:
             hovertemplate="threshold %{x}<br>accuracy %{y:.2%}<extra>" + label + "</extra>",
         )
         if rep.get("accuracy"):
-            fig.add_hline(
-                y=rep["accuracy"][-1], line_dash="dot", line_color=colour, opacity=0.6
-            )
-    _layout(fig, 320, title="Accuracy vs exit threshold (dotted: final exit only)")
+            fig.add_hline(y=rep["accuracy"][-1], line_dash="dot", line_color=colour, opacity=0.6)
+    _layout(fig, 360, title="Accuracy vs exit threshold (dotted: final exit only)")
     fig.update_xaxes(title="exit threshold")
     fig.update_yaxes(title="test accuracy", tickformat=".0%")
     return fig
@@ -129,7 +127,7 @@ def speedup_chart(reports: dict[str, dict]) -> go.Figure:
             hovertemplate="threshold %{x}<br>%{y:.2f}x<extra>FLOP-ideal</extra>",
         )
     fig.add_hline(y=1.0, line_color="#94a3b8", line_width=1)
-    _layout(fig, 320, title="Speedup vs exit threshold (batch 1, wall time)")
+    _layout(fig, 360, title="Speedup vs exit threshold (solid: measured at batch 1)")
     fig.update_xaxes(title="exit threshold")
     fig.update_yaxes(title="speedup over the full path (x)")
     return fig
@@ -151,7 +149,7 @@ def exit_mix_chart(report: dict, label: str) -> go.Figure:
             marker_color=colour,
             hovertemplate="threshold %{x}<br>%{y:.1%} of images<extra>" + name + "</extra>",
         )
-    _layout(fig, 300, title=f"{label}: which exit answers", barmode="stack")
+    _layout(fig, 340, title=f"{label}: which exit answers", barmode="stack")
     fig.update_xaxes(title="exit threshold", type="category")
     fig.update_yaxes(title="share of test images", tickformat=".0%", range=[0, 1])
     return fig
@@ -173,7 +171,7 @@ def consistency_histogram(
                 xbins=dict(start=-1.0 if metric == "pearson" else 0.0, end=1.0, size=0.05),
                 hovertemplate="%{x}: %{y} images<extra>" + label + "</extra>",
             )
-    _layout(fig, 280, title=f"Exit {exit_index + 1} vs final exit", barmode="overlay")
+    _layout(fig, 320, title=f"Exit {exit_index + 1} vs final exit", barmode="overlay")
     fig.update_xaxes(title=f"{metric} per image", range=[-1 if metric == "pearson" else 0, 1])
     fig.update_yaxes(title="images")
     return fig

@@ -42,8 +42,6 @@ SCORES = ("cosine", "pearson", "spearman", "iou")
 COMPAT_KEYS = ("classes", "in_channels", "input_size", "mean", "std")
 
 
-
-
 def use_app_threads(env: dict[str, str] | None = None) -> int:
     """One torch thread per process unless ``$EGT_APP_THREADS`` says otherwise.
 
@@ -73,7 +71,7 @@ class ModelEntry:
 
     @property
     def label(self) -> str:
-        """"Baseline", "EGT (λ=1)", or the stem: what the page calls this model."""
+        """ "Baseline", "EGT (λ=1)", or the stem: what the page calls this model."""
         lam = (self.meta.get("train_config") or {}).get("lam")
         base = {"baseline": "Baseline", "egt": "EGT"}.get(self.key, self.key)
         if self.key == "egt" and isinstance(lam, int | float):
@@ -282,28 +280,67 @@ def per_image_scores(
     ]
 
 
-def headline_rows(reports: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per model: the numbers a reader wants first, from the reports only."""
+def headline_metrics(report: dict[str, Any]) -> list[tuple[str, str, float | None]]:
+    """``(name, kind, value)`` of the numbers a reader wants first; kind picks the format."""
+    out: list[tuple[str, str, float | None]] = []
+    acc = report.get("accuracy") or []
+    for k, a in enumerate(acc):
+        out.append(
+            (f"Accuracy, {'final exit' if k == len(acc) - 1 else f'exit {k + 1}'}", "pct", a)
+        )
+    cons = report.get("consistency") or {}
+    for source in ("trained", "explainer"):
+        block = cons.get(source) or {}
+        method = EXPLAINER_LABELS.get(block.get("method"), block.get("method", source))
+        method = method.split(" (")[0]
+        for m, name in (("pearson", "Pearson r"), ("cosine", "Cosine"), ("iou", "Top-20% IoU")):
+            v = (block.get("mean") or {}).get(m)
+            if v is not None:
+                out.append((f"{name}, {method} maps", "score", v))
+    best = report.get("best_operating_point") or {}
+    if best:
+        out.append(("Best threshold (accuracy within 0.5 pt)", "threshold", best.get("threshold")))
+        out.append(("Accuracy at best threshold", "pct", best.get("accuracy")))
+        out.append(
+            ("Speedup at best threshold (batch 1)", "x", (best.get("batch1") or {}).get("speedup"))
+        )
+        out.append(("FLOP-ideal speedup there", "x", best.get("flop_ideal_speedup")))
+    return out
+
+
+def fmt_value(kind: str, v: float | None, signed: bool = False) -> str:
+    if v is None or not isinstance(v, int | float) or not math.isfinite(v):
+        return "–"
+    sign = "+" if signed else ""
+    if kind == "pct":
+        return f"{v * 100:{sign}.2f}" + (" pt" if signed else "%")
+    if kind == "x":
+        return f"{v:{sign}.2f}x"
+    if kind == "threshold":
+        return f"{v:{sign}g}"
+    return f"{v:{sign}.3f}"
+
+
+def headline_table(reports: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
+    """Metrics as rows, models as columns, and the EGT-minus-baseline difference for a pair."""
+    per_model = {label: headline_metrics(rep) for label, rep in reports.items()}
+    names: list[tuple[str, str]] = []
+    for metrics in per_model.values():
+        for name, kind, _ in metrics:
+            if (name, kind) not in names:
+                names.append((name, kind))
+    labels = list(per_model)
     rows = []
-    for label, rep in reports.items():
-        row: dict[str, Any] = {"model": label, "test images": rep.get("n")}
-        for k, acc in enumerate(rep.get("accuracy", [])):
-            name = "final" if k == len(rep["accuracy"]) - 1 else f"exit {k + 1}"
-            row[f"accuracy {name}"] = acc
-        cons = rep.get("consistency") or {}
-        for source in ("trained", "explainer"):
-            block = cons.get(source) or {}
-            method = block.get("method", source)
-            for m in ("pearson", "cosine", "iou"):
-                v = (block.get("mean") or {}).get(m)
-                if v is not None:
-                    row[f"{m} ({method})"] = v
-        best = rep.get("best_operating_point")
-        if best:
-            row["best threshold"] = best.get("threshold")
-            row["accuracy there"] = best.get("accuracy")
-            row["speedup (batch 1)"] = (best.get("batch1") or {}).get("speedup")
-            row["FLOP-ideal speedup"] = best.get("flop_ideal_speedup")
+    for name, kind in names:
+        row = {"metric": name}
+        values = {}
+        for label in labels:
+            values[label] = next((v for n, _, v in per_model[label] if n == name), None)
+            row[label] = fmt_value(kind, values[label])
+        if len(labels) == 2 and kind != "threshold":
+            a, b = values[labels[0]], values[labels[1]]
+            diff = b - a if isinstance(a, int | float) and isinstance(b, int | float) else None
+            row["difference"] = fmt_value(kind, diff, signed=True)
         rows.append(row)
     return rows
 
@@ -651,7 +688,9 @@ def summary(
                 "final": k == m.num_exits - 1,
                 "prediction": classes[m.predictions[k]],
                 "confidence": round(m.confidences[k], 6),
-                "probabilities": {c: round(float(p), 6) for c, p in zip(classes, m.probs[k])},
+                "probabilities": {
+                    c: round(float(p), 6) for c, p in zip(classes, m.probs[k], strict=True)
+                },
                 "answers": k == d.exit_index,
                 "state": exit_state(k, d),
             }

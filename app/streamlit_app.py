@@ -41,7 +41,10 @@ def analyse(
     _entries: tuple[logic.ModelEntry, ...],
 ) -> logic.ImageAnalysis:
     """Maps and scores for one image and settings; keyed by the bytes' hash, not the bytes."""
-    models = [(e, load_bundle(str(e.path), mtime)) for e, (_, _, mtime) in zip(_entries, model_ids)]
+    models = [
+        (e, load_bundle(str(e.path), mtime))
+        for e, (_, _, mtime) in zip(_entries, model_ids, strict=True)
+    ]
     return logic.analyse_image(
         _data, models, name=name, method=method, target=target, invert=invert
     )
@@ -153,7 +156,9 @@ def explore(settings: views.Settings) -> None:
     shown = settings.shown(analysis)
 
     explained = (
-        "the predicted class" if settings.target is None else f"class **{classes[settings.target]}**"
+        "the predicted class"
+        if settings.target is None
+        else f"class **{classes[settings.target]}**"
     )
     truth = f" · true label **{true_label}**" if true_label else ""
     w, h = analysis.original_size

@@ -238,9 +238,7 @@ def model_panel(
                 f"**{logic.exit_name(k, m.num_exits)}**  \n"
                 f"{classes[m.predictions[k]]} · {m.confidences[k]:.0%}"
             )
-            score = (
-                logic.score_line(m.consistency[k]) if k < m.num_exits - 1 else "reference map"
-            )
+            score = logic.score_line(m.consistency[k]) if k < m.num_exits - 1 else "reference map"
             st.caption(f"{score}  \n{bundle.costs.answer_at(k) / full:.0%} of full-path FLOPs")
             st.markdown(STATE_WORDS[state])
     where = logic.exit_name(d.exit_index, m.num_exits)
@@ -248,14 +246,14 @@ def model_panel(
         f":green-badge[{where} answers] **{classes[d.prediction]}** at {d.confidence:.0%} "
         f"confidence: {logic.saving_text(d)}."
     )
-    labels = [logic.exit_name(k, m.num_exits).replace(" (final)", " final") for k in range(m.num_exits)]
+    labels = [
+        logic.exit_name(k, m.num_exits).replace(" (final)", " final") for k in range(m.num_exits)
+    ]
     fig = charts.confidence_chart(m.confidences, settings.threshold, d.exit_index, labels)
     st.plotly_chart(fig, key=f"conf_{m.key}", config={"displayModeBar": False})
 
 
-def downloads(
-    make_png: Callable[[], bytes], numbers: dict[str, Any], stem: str
-) -> None:
+def downloads(make_png: Callable[[], bytes], numbers: dict[str, Any], stem: str) -> None:
     c1, c2, _ = st.columns([1, 1, 3])
     c1.download_button(
         "Download panel (PNG)",
@@ -302,8 +300,7 @@ def dataset_view(group: logic.CheckpointGroup) -> None:
         f"{first.get('n', '?')} images. Baseline in grey, EGT in orange."
     )
     st.markdown("##### Headline numbers")
-    rows = logic.headline_rows(reports)
-    st.dataframe(_format_rows(rows), hide_index=True, width="stretch")
+    st.dataframe(logic.headline_table(reports), hide_index=True, width="stretch")
 
     c1, c2 = st.columns(2)
     c1.plotly_chart(charts.accuracy_chart(reports), key="ds_acc")
@@ -320,9 +317,7 @@ def dataset_view(group: logic.CheckpointGroup) -> None:
         st.info("These reports hold no per-image consistency scores.")
         return
     names = {s: _source_name(first, s) for s in sources}
-    source = st.radio(
-        "Maps", sources, format_func=names.get, horizontal=True, key="ds_source"
-    )
+    source = st.radio("Maps", sources, format_func=names.get, horizontal=True, key="ds_source")
     n_early = max(len(logic.per_image_scores(r, source)) for r in reports.values())
     cols = st.columns(max(1, n_early))
     for e in range(n_early):
@@ -345,21 +340,3 @@ def _source_name(report: dict, source: str) -> str:
     method = ((report.get("consistency") or {}).get(source) or {}).get("method", source)
     label = EXPLAINER_LABELS.get(method, method)
     return f"trained maps ({label})" if source == "trained" else f"independent explainer ({label})"
-
-
-def _format_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Percentages for accuracies, two decimals for scores, ``x`` for speedups."""
-    out = []
-    for row in rows:
-        nice: dict[str, Any] = {}
-        for k, v in row.items():
-            if not isinstance(v, float):
-                nice[k] = v
-            elif k.startswith("accuracy"):
-                nice[k] = f"{v:.2%}"
-            elif "speedup" in k:
-                nice[k] = f"{v:.2f}x"
-            else:
-                nice[k] = f"{v:.3f}" if k != "best threshold" else f"{v:g}"
-        out.append(nice)
-    return out

@@ -23,9 +23,16 @@ class CLIError(Exception):
 def _friendly_errors() -> tuple[type[BaseException], ...]:
     from .checkpoints import CheckpointError
     from .data import DataError
+    from .evaluate import EvaluationError
     from .train import TrainingError
 
-    errors: list[type[BaseException]] = [CLIError, CheckpointError, DataError, TrainingError]
+    errors: list[type[BaseException]] = [
+        CLIError,
+        CheckpointError,
+        DataError,
+        TrainingError,
+        EvaluationError,
+    ]
     try:
         from .images import ImageLoadError
 

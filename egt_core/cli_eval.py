@@ -58,16 +58,50 @@ def add_eval_and_explain(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(func=_cmd_explain)
 
 
+def _report_paths(out: Path, checkpoints: list[str]) -> list[Path]:
+    """One JSON file (one checkpoint, ``--out x.json``) or one file per checkpoint in a folder,
+    named after the checkpoint and made unique (``run1/best`` and ``run2/best`` both fit)."""
+    from .cli import CLIError
+
+    if out.suffix.lower() == ".json":
+        if len(checkpoints) > 1:
+            raise CLIError(
+                f"--out {out} is one file, but {len(checkpoints)} checkpoints were given"
+            )
+        paths = [out]
+    else:
+        stems = [Path(c).stem for c in checkpoints]
+        names = []
+        for c, stem in zip(checkpoints, stems, strict=True):
+            if stems.count(stem) > 1:
+                parent = Path(c).resolve().parent.name or "root"
+                stem = f"{parent}-{stem}"
+            base, k = stem, 2
+            while stem in names:
+                stem, k = f"{base}-{k}", k + 1
+            names.append(stem)
+        paths = [out / f"{name}.report.json" for name in names]
+    try:
+        for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CLIError(f"cannot write reports under {out}: {e.strerror or e}") from None
+    return paths
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from .checkpoints import read_metadata
     from .cli import CLIError
     from .evaluate import evaluate_checkpoint
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    reports = []
-    for ckpt in args.checkpoint:
+    for ckpt in args.checkpoint:  # fail before a long evaluation, not after it
         if not Path(ckpt).is_file():
             raise CLIError(f"no checkpoint file at {ckpt}")
+        read_metadata(ckpt)
+    paths = _report_paths(Path(args.out), args.checkpoint) if args.out else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for i, ckpt in enumerate(args.checkpoint):
         report = evaluate_checkpoint(
             ckpt,
             dataset=args.dataset,
@@ -80,19 +114,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             seed=args.seed,
             progress=not args.quiet,
         )
-        reports.append(report)
         _print_report(report)
-    if args.out:
-        out = Path(args.out)
-        if len(reports) == 1 and out.suffix == ".json":
-            paths = [out]
-        else:
-            out.mkdir(parents=True, exist_ok=True)
-            paths = [out / (Path(r["checkpoint"]).stem + ".report.json") for r in reports]
-        for path, report in zip(paths, reports, strict=True):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(report, indent=1) + "\n")
-            print(f"report: {path}")
+        if paths:  # written as soon as it is ready: a later failure does not lose it
+            text = json.dumps(report, indent=1, allow_nan=False)
+            paths[i].write_text(text + "\n")
+            print(f"report: {paths[i]}")
     return 0
 
 
@@ -109,12 +135,12 @@ def _print_report(r: dict) -> None:
         print(f"  consistency ({c['method']}):  {rows}")
     print("  threshold  acc     exit mix            FLOP-ideal  batch-1  batched")
     for row in r["sweep"]:
-        b1 = row.get("batch1", {}).get("speedup", float("nan"))
-        bb = row.get("batched", {}).get("speedup", float("nan"))
+        b1 = _times(row.get("batch1", {}).get("speedup"))
+        bb = _times(row.get("batched", {}).get("speedup"))
         mix = "/".join(str(m) for m in row["exit_mix"])
         print(
             f"  {row['threshold']:9.3f}  {row['accuracy'] * 100:6.2f}  {mix:18s}  "
-            f"{row['flop_ideal_speedup']:9.2f}x  {b1:6.2f}x  {bb:6.2f}x"
+            f"{row['flop_ideal_speedup']:9.2f}x  {b1}  {bb}"
         )
     best = r.get("best_operating_point")
     if best:
@@ -122,6 +148,10 @@ def _print_report(r: dict) -> None:
             f"  best: threshold {best['threshold']} -> {best['batch1']['speedup']:.2f}x at batch 1,"
             f" accuracy {best['accuracy'] * 100:.2f}%"
         )
+
+
+def _times(value: float | None) -> str:
+    return "      -" if value is None else f"{value:6.2f}x"
 
 
 def _parse_class(value: str | None, classes: list[str]) -> int | None:
@@ -136,19 +166,40 @@ def _parse_class(value: str | None, classes: list[str]) -> int | None:
     raise CLIError(f"unknown class {value!r}; classes: {', '.join(classes)}")
 
 
+def _unique_stem(path: Path, used: set[str]) -> str:
+    """Output name for an image: its stem, or stem-ext / stem-N when two inputs share it."""
+    stem = path.stem or "image"
+    if stem in used:
+        stem = f"{stem}-{path.suffix.lstrip('.')}" if path.suffix else stem
+    base, k = stem, 2
+    while stem in used:
+        stem, k = f"{base}-{k}", k + 1
+    used.add(stem)
+    return stem
+
+
 def _cmd_explain(args: argparse.Namespace) -> int:
     from .checkpoints import load_checkpoint
-    from .explain import explain, explain_consistency
+    from .cli import CLIError
+    from .explain import EXPLAINERS, explain, explain_consistency
     from .images import ImageLoadError, load_image
     from .inference import predict
     from .panel import render_panel
 
+    if args.method not in EXPLAINERS:
+        raise CLIError(f"unknown method {args.method!r}; choose one of {', '.join(EXPLAINERS)}")
+    if not 0 <= args.threshold:
+        raise CLIError(f"--threshold must be >= 0, got {args.threshold}")
     model, meta = load_checkpoint(args.checkpoint)
     classes = meta["classes"]
     target = _parse_class(args.target_class, classes)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CLIError(f"cannot create the output folder {out}: {e.strerror or e}") from None
     failures = 0
+    used: set[str] = set()
     for path in args.images:
         try:
             img = load_image(
@@ -160,7 +211,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
                 invert=args.invert,
             )
         except (ImageLoadError, OSError) as e:
-            print(f"egt explain: {path}: {e}", file=sys.stderr)
+            print(f"egt explain: {path}: {' '.join(str(e).split())}", file=sys.stderr)
             failures += 1
             continue
         targets = None if target is None else torch.tensor([target])
@@ -177,11 +228,14 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             label += f"{classes[pred]} {conf:.2f}"
             if e < model.num_exits - 1:
                 s = {m: float(v[0]) for m, v in scores[e].items() if m != "degenerate"}
-                row["consistency_with_final"] = s
+                row["consistency_with_final"] = {
+                    **s,
+                    "degenerate": bool(scores[e]["degenerate"][0]),
+                }
                 label += f"\ncos {s['cosine']:.2f} r {s['pearson']:.2f} iou {s['iou']:.2f}"
             rows.append(row)
             labels.append(label)
-        stem = Path(path).stem
+        stem = _unique_stem(Path(path), used)
         png = render_panel(
             img.display,
             expl.maps[0].numpy(),

@@ -9,6 +9,7 @@ run, and the median of several repeats is kept (this machine is shared and noisy
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import platform
 import statistics
@@ -129,14 +130,28 @@ def measured_speedup(
     """Early exit vs full path on the same images, alternating, median of ``repeats``.
 
     Both sides go through `predict` (the full path is ``threshold > 1``), on a BN-fused model.
+    Each side is warmed up on the first batch, and the side timed first alternates between
+    repeats so that drift on a shared machine does not favour either side.
     """
+    if repeats < 1 or batch_size < 1 or len(images) == 0:
+        raise ValueError("measured_speedup needs images, batch_size >= 1 and repeats >= 1")
     batches = list(images.split(batch_size))
+
+    def early_fn(b: Tensor) -> object:
+        return predict(model, b, threshold)
+
+    def full_fn(b: Tensor) -> object:
+        return predict(model, b, 2.0)
+
+    for fn in (early_fn, full_fn):
+        fn(batches[0])
     early, full = [], []
-    for _ in range(repeats):
-        early.append(time_per_sample(lambda b: predict(model, b, threshold), batches))
-        full.append(time_per_sample(lambda b: predict(model, b, 2.0), batches))
+    for r in range(repeats):
+        sides = ((early_fn, early), (full_fn, full))
+        for fn, times in sides if r % 2 == 0 else sides[::-1]:
+            times.append(time_per_sample(fn, batches))
     e, f = statistics.median(early), statistics.median(full)
-    return {"early_ms": e * 1e3, "full_ms": f * 1e3, "speedup": f / e}
+    return {"early_ms": e * 1e3, "full_ms": f * 1e3, "speedup": f / e, "images": len(images)}
 
 
 def component_latency(model: MultiExitNet, x: Tensor, repeats: int = 200) -> dict[str, list]:
@@ -176,11 +191,20 @@ def threshold_sweep(
     batched_size: int = 256,
     repeats: int = 3,
     progress: Callable[[int], None] | None = None,
+    batched_timing_images: int = 2048,
+    fused: MultiExitNet | None = None,
 ) -> list[dict[str, Any]]:
-    """Accuracy, exit mix, FLOPs and measured speedup (batch 1 and batched) per threshold."""
-    fused = fuse_for_inference(model)
+    """Accuracy, exit mix, FLOPs and measured speedup (batch 1 and batched) per threshold.
+
+    Accuracy and exit mix use every image; batch-1 timing uses the first ``timing_images`` and
+    batched timing the first ``batched_timing_images`` (timing every image at every threshold
+    would dominate a 10k-image evaluation). A threshold above 1 runs the plain full path (no
+    early heads), so its FLOPs are exactly the full path's and its FLOP-ideal speedup is 1.
+    """
+    fused = fuse_for_inference(model) if fused is None else fused
     rows = []
     timing = images[:timing_images]
+    batched_timing = images[:batched_timing_images]
     for t in thresholds:
         preds, exits = [], []
         for b in images.split(batched_size):
@@ -189,7 +213,7 @@ def threshold_sweep(
             exits.append(r.exit_index)
         pred, exit_index = torch.cat(preds), torch.cat(exits)
         mix = torch.bincount(exit_index, minlength=model.num_exits).tolist()
-        flops = expected_flops(mix, costs)
+        flops = costs.full_path if t > 1 else expected_flops(mix, costs)
         row = {
             "threshold": t,
             "accuracy": float((pred == labels).float().mean()),
@@ -199,9 +223,11 @@ def threshold_sweep(
             "flop_fraction": flops / costs.full_path,
             "flop_ideal_speedup": costs.full_path / flops,
         }
-        if timing_images > 0:
+        if timing_images > 0 and len(timing) > 0:
             one = measured_speedup(fused, timing, t, batch_size=1, repeats=repeats)
-            many = measured_speedup(fused, images, t, batch_size=batched_size, repeats=repeats)
+            many = measured_speedup(
+                fused, batched_timing, t, batch_size=batched_size, repeats=repeats
+            )
             row["batch1"] = one
             row["batched"] = {**many, "batch_size": batched_size}
             row["batched_vs_flop_ideal"] = many["speedup"] / row["flop_ideal_speedup"]
@@ -223,6 +249,34 @@ def best_operating_point(
 # ------------------------------------------------------------------ one checkpoint
 
 
+class EvaluationError(ValueError):
+    """An evaluation that cannot run as asked; the message says why, in one line."""
+
+
+def _validate_args(
+    explainer: str,
+    thresholds: Sequence[float],
+    limit: int | None,
+    timing_images: int,
+    repeats: int,
+    data_dir: str | None,
+) -> None:
+    from .explain import EXPLAINERS
+
+    if explainer not in EXPLAINERS:
+        raise EvaluationError(
+            f"unknown explainer {explainer!r}; choose one of {', '.join(EXPLAINERS)}"
+        )
+    if not thresholds or any(not math.isfinite(t) or t < 0 for t in thresholds):
+        raise EvaluationError(f"thresholds must be finite numbers >= 0, got {list(thresholds)}")
+    if limit is not None and limit < 1:
+        raise EvaluationError(f"--limit must be a positive number of images, got {limit}")
+    if timing_images < 0 or repeats < 1:
+        raise EvaluationError("--timing-images must be >= 0 and --repeats >= 1")
+    if data_dir is not None and not Path(data_dir).expanduser().is_dir():
+        raise EvaluationError(f"--data-dir {data_dir} does not exist or is not a folder")
+
+
 def evaluate_checkpoint(
     path: str | Path,
     dataset: str | None = None,
@@ -234,15 +288,19 @@ def evaluate_checkpoint(
     repeats: int = 3,
     seed: int = 0,
     progress: bool = False,
+    batched_timing_images: int = 2048,
 ) -> dict[str, Any]:
-    """Full report for one checkpoint on a dataset's test split."""
+    """Full report for one checkpoint on a dataset's test split (plain JSON, no NaN)."""
+    _validate_args(explainer, thresholds, limit, timing_images, repeats, data_dir)
     model, meta = load_checkpoint(path)
     spec = dataset or meta.get("dataset")
     if not spec:
-        raise ValueError(f"{path} does not name its dataset; pass --dataset")
-    data = load_dataset(spec, data_dir=data_dir, seed=seed, augment=False)
+        raise EvaluationError(f"{path} does not name its dataset; pass --dataset")
+    data = load_dataset(
+        spec, data_dir=data_dir, seed=seed, augment=False, image_size=meta["input_size"]
+    )
     if data.in_channels != meta["in_channels"] or len(data.classes) != len(meta["classes"]):
-        raise ValueError(
+        raise EvaluationError(
             f"dataset {spec} ({data.in_channels} channels, {len(data.classes)} classes) does not "
             f"fit {path} ({meta['in_channels']} channels, {len(meta['classes'])} classes)"
         )
@@ -252,12 +310,17 @@ def evaluate_checkpoint(
     bar = _bar(progress, len(images) * 2 + len(thresholds), f"eval {Path(path).name}")
     tick = bar.update if bar else None
 
-    with torch.no_grad():
-        outs = [model(b) for b in images.split(512)]
+    # Accuracy per exit on the BN-fused model that the sweep uses, in the same batches, so that
+    # the no-early-exit row of the sweep reproduces the final exit's accuracy exactly.
+    fused = fuse_for_inference(model)
+    batched_size = 256
+    with torch.inference_mode():
+        outs = [fused(b) for b in images.split(batched_size)]
     accuracy = [
         float(torch.cat([o[k].logits.argmax(1) for o in outs]).eq(labels).float().mean())
         for k in range(model.num_exits)
     ]
+    del outs
     kind = meta.get("train_config", {}).get("attention", "cam")
     trained = consistency_report(trained_maps(model, kind), images, kind, progress=tick)
     independent = consistency_report(
@@ -266,12 +329,22 @@ def evaluate_checkpoint(
     size = (meta["in_channels"], meta["input_size"], meta["input_size"])
     costs = exit_costs(model, size)
     sweep = threshold_sweep(
-        model, images, labels, costs, thresholds, timing_images, repeats=repeats, progress=tick
+        model,
+        images,
+        labels,
+        costs,
+        thresholds,
+        timing_images,
+        batched_size=batched_size,
+        repeats=repeats,
+        progress=tick,
+        batched_timing_images=batched_timing_images,
+        fused=fused,
     )
     if bar:
         bar.close()
     cfg = meta.get("train_config", {})
-    return {
+    report = {
         "checkpoint": str(path),
         "sha256": file_sha256(path),
         "dataset": spec,
@@ -288,11 +361,29 @@ def evaluate_checkpoint(
             "answer_at": [costs.answer_at(k) for k in range(model.num_exits)],
             "full_path": costs.full_path,
         },
-        "latency_batch1": component_latency(fuse_for_inference(model), images[:1]),
+        "latency_batch1": component_latency(fused, images[:1]),
         "sweep": sweep,
         "best_operating_point": best_operating_point(sweep, accuracy[-1]),
+        "timing": {
+            "batch1_images": min(timing_images, len(labels)),
+            "batched_images": min(batched_timing_images, len(labels)) if timing_images else 0,
+            "batched_size": batched_size,
+            "repeats": repeats,
+        },
         "environment": environment(seed),
     }
+    return json_safe(report)
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN or infinity replaced by None: strict JSON readers accept it."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def _bar(enabled: bool, total: int, desc: str):
@@ -305,6 +396,8 @@ def _bar(enabled: bool, total: int, desc: str):
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
+    "EvaluationError",
+    "json_safe",
     "evaluate_checkpoint",
     "threshold_sweep",
     "consistency_report",

@@ -47,7 +47,10 @@ SAMPLE = REPO / "app" / "samples" / "fashion-mnist" / "05_sandal.png"
 TINY = dict(widths=(4, 8, 8, 8), head_widths=(4, 8))
 FORMATS = {
     "fashion-mnist": dict(
-        channels=1, size=28, classes=FASHION_MNIST_CLASSES, mean=FASHION_MNIST_MEAN,
+        channels=1,
+        size=28,
+        classes=FASHION_MNIST_CLASSES,
+        mean=FASHION_MNIST_MEAN,
         std=FASHION_MNIST_STD,
     ),
     "shapes": dict(channels=3, size=32, classes=SHAPES_CLASSES, mean=SHAPES_MEAN, std=SHAPES_STD),
@@ -81,8 +84,14 @@ def tiny_report(dataset: str, lam: float, n: int = 40, seed: int = 0) -> dict:
 
     def block(method: str) -> dict:
         exits = [
-            {"cosine": 0.6 + shift / 2, "pearson": 0.3 + shift, "spearman": 0.3 + shift,
-             "iou": 0.3 + shift / 2, "degenerate": 0, "per_image": per_image()}
+            {
+                "cosine": 0.6 + shift / 2,
+                "pearson": 0.3 + shift,
+                "spearman": 0.3 + shift,
+                "iou": 0.3 + shift / 2,
+                "degenerate": 0,
+                "per_image": per_image(),
+            }
             for _ in range(2)
         ]
         mean = {m: sum(e[m] for e in exits) / 2 for m in ("cosine", "pearson", "spearman", "iou")}
@@ -96,7 +105,7 @@ def tiny_report(dataset: str, lam: float, n: int = 40, seed: int = 0) -> dict:
         sweep.append(
             {
                 "threshold": t,
-                "accuracy": 0.7 + 0.2 * min(t, 1.0),
+                "accuracy": 0.7 + 0.2 * min(t, 1.0) - (0.02 if lam == 0 and t < 1 else 0),
                 "exit_mix": [round(f * n) for f in frac],
                 "exit_fraction": frac,
                 "expected_flops": flops,
@@ -115,8 +124,12 @@ def tiny_report(dataset: str, lam: float, n: int = 40, seed: int = 0) -> dict:
         "training": {"lam": lam, "attention": "cam"},
         "accuracy": [0.7, 0.8, 0.9],
         "consistency": {"trained": block("cam"), "explainer": block("gradcam")},
-        "flops": {"segments": [90, 140, 160], "heads": [10, 10, 10], "answer_at": [100, 250, 420],
-                  "full_path": 400},
+        "flops": {
+            "segments": [90, 140, 160],
+            "heads": [10, 10, 10],
+            "answer_at": [100, 250, 420],
+            "full_path": 400,
+        },
         "latency_batch1": {"segments_ms": [0.1, 0.1, 0.1], "heads_ms": [0.05, 0.05, 0.05]},
         "sweep": sweep,
         "best_operating_point": sweep[2],
@@ -202,7 +215,7 @@ def test_discover_pairs_and_skipped(root):
     assert fm.is_pair and fm.label == "Fashion-MNIST: baseline vs EGT"
     assert [m.label for m in fm.models] == ["Baseline", "EGT (λ=1)"]
     assert fm.classes == FASHION_MNIST_CLASSES
-    (name, reason), = found.skipped
+    ((name, reason),) = found.skipped
     assert name == "fashion-mnist/broken.safetensors" and "pickle" in reason
 
 
@@ -239,9 +252,18 @@ def test_reports(root, tmp_path):
     assert len(logic.sweep_rows(report, include_full_path=True)) == 5
     scores = logic.per_image_scores(report)
     assert len(scores) == 2 and len(scores[0]) == report["n"]
-    rows = logic.headline_rows({"Baseline": report})
-    assert rows[0]["accuracy final"] == 0.9 and rows[0]["best threshold"] == 0.9
-    assert "pearson (cam)" in rows[0] and "pearson (gradcam)" in rows[0]
+    base, _ = logic.load_report(logic.report_path(logic.discover(root).groups[0].models[0]))
+    rows = {r["metric"]: r for r in logic.headline_table({"Baseline": base, "EGT": report})}
+    assert rows["Accuracy, final exit"]["EGT"] == "90.00%"
+    assert rows["Pearson r, Trained CAM maps"]["difference"] == "+0.300"
+    assert rows["Pearson r, Grad-CAM maps"]["Baseline"] == "0.300"
+    assert rows["Best threshold (accuracy within 0.5 pt)"]["EGT"] == "0.9"
+    assert "difference" not in rows["Best threshold (accuracy within 0.5 pt)"]
+    assert rows["Speedup at best threshold (batch 1)"]["EGT"] == "1.10x"
+    single = logic.headline_table({"EGT": report})
+    assert "difference" not in single[0] and len(single) == len(rows)
+    assert logic.fmt_value("pct", 0.0123, signed=True) == "+1.23 pt"
+    assert logic.fmt_value("x", None) == "–"
     assert "missing" in logic.load_report(tmp_path / "none.json")[1]
     (tmp_path / "bad.json").write_text("{")
     assert "not readable" in logic.load_report(tmp_path / "bad.json")[1]
@@ -327,7 +349,9 @@ def test_saving_text_and_states():
 
 def test_downloads_png_and_json(pair):
     a = logic.analyse_image(SAMPLE.read_bytes(), pair, name="../../etc/sandal.png")
-    decisions = {m.key: logic.decide(b, m.tensor, 0.0) for (_, b), m in zip(pair, a.models)}
+    decisions = {
+        m.key: logic.decide(b, m.tensor, 0.0) for (_, b), m in zip(pair, a.models, strict=True)
+    }
     png = logic.compose_png(
         a, decisions, FASHION_MNIST_CLASSES, alpha=0.5, colormap="jet", threshold=0.0
     )
@@ -406,8 +430,14 @@ def texts(at) -> str:
 
 
 def answering(at) -> list[str]:
-    """The tile text of each model's answering exit, e.g. '**Exit 1** · ...'."""
-    return [m.value.split("**")[1] for m in at.markdown if "answers here" in m.value]
+    """Per model, the name of the exit tile that carries the "answers here" badge."""
+    found, last = [], None
+    for m in at.markdown:
+        if m.value.startswith("**Exit"):
+            last = m.value.split("**")[1]
+        elif "answers here" in m.value:
+            found.append(last)
+    return found
 
 
 def test_starts_and_renders_sample_for_both_models(app):

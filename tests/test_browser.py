@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 from PIL import Image, ImageOps
-
 from test_app import write_root
 
 REPO = Path(__file__).resolve().parent.parent
