@@ -43,7 +43,9 @@ def default_model(
     """An untrained model like ``build_model("small", 1, 10, input_size=28)`` (seeded init)."""
     channels, height, width = input_shape
     if height != width:
-        raise SystemExit(f"--input must be square (the model takes one input_size), got {height}x{width}")
+        raise SystemExit(
+            f"--input must be square (the model takes one input_size), got {height}x{width}"
+        )
     torch.manual_seed(seed)
     return build_model(arch, channels, classes, input_size=height).eval()
 

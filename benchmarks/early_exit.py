@@ -22,7 +22,14 @@ from __future__ import annotations
 import argparse
 
 import torch
-from _common import load_model, load_test_images, print_environment, print_table, set_threads, write_json
+from _common import (
+    load_model,
+    load_test_images,
+    print_environment,
+    print_table,
+    set_threads,
+    write_json,
+)
 
 from egt_core.evaluate import component_latency, measured_speedup
 from egt_core.inference import expected_flops, flop_ideal_speedup, predict
@@ -42,19 +49,36 @@ def batched_predict(model, images, threshold, batch_size):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint")
     p.add_argument("--dataset", help="dataset spec (default: the one named in the checkpoint)")
-    p.add_argument("--limit", type=int, default=1000, help="test images timed at batch 1 (default: %(default)s)")
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=1000,
+        help="test images timed at batch 1 (default: %(default)s)",
+    )
     p.add_argument(
         "--batched-limit",
         type=int,
         default=2048,
         help="test images timed batched and used for accuracy / exit mix (default: %(default)s)",
     )
-    p.add_argument("--threshold", type=float, nargs="+", default=list(DEFAULT_THRESHOLDS), help="max-softmax thresholds")
-    p.add_argument("--batch-size", type=int, default=256, help="batched size (default: %(default)s)")
-    p.add_argument("--repeats", type=int, default=5, help="alternating repeats per side (default: %(default)s)")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        nargs="+",
+        default=list(DEFAULT_THRESHOLDS),
+        help="max-softmax thresholds",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=256, help="batched size (default: %(default)s)"
+    )
+    p.add_argument(
+        "--repeats", type=int, default=5, help="alternating repeats per side (default: %(default)s)"
+    )
     p.add_argument("--component-repeats", type=int, default=200, help="calls per component latency")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--json", help="also write the figures to this JSON file")
@@ -109,7 +133,12 @@ def main(argv: list[str] | None = None) -> int:
                 "exit_fraction": [m / len(many) for m in mix],
                 "flop_fraction": expected_flops(mix, costs) / costs.full_path,
                 "flop_ideal_speedup": ideal,
-                "batch1": {**b1, "exit_mix": mix1, "flop_ideal_speedup": ideal1, "vs_flop_ideal": b1["speedup"] / ideal1},
+                "batch1": {
+                    **b1,
+                    "exit_mix": mix1,
+                    "flop_ideal_speedup": ideal1,
+                    "vs_flop_ideal": b1["speedup"] / ideal1,
+                },
                 "batched": {
                     **bb,
                     "batch_size": args.batch_size,
@@ -123,7 +152,14 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"Accuracy and exit mix ({len(many)} images); final exit {final_acc:.4f}:")
     print_table(
-        ["threshold", "accuracy", "vs final", "exit mix (fractions)", "FLOPs of full", "FLOP-ideal"],
+        [
+            "threshold",
+            "accuracy",
+            "vs final",
+            "exit mix (fractions)",
+            "FLOPs of full",
+            "FLOP-ideal",
+        ],
         [
             [
                 r["threshold"],
@@ -139,7 +175,15 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"Batch 1 ({len(one)} images; per-sample latency, median of {args.repeats}):")
     print_table(
-        ["threshold", "early ms", "full ms", "speedup", "FLOP-ideal", "meas/ideal", "same as batched"],
+        [
+            "threshold",
+            "early ms",
+            "full ms",
+            "speedup",
+            "FLOP-ideal",
+            "meas/ideal",
+            "same as batched",
+        ],
         [
             [
                 r["threshold"],
@@ -154,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         ],
     )
     print()
-    print(f"Batch {args.batch_size} with compaction ({len(many)} images; throughput, median of {args.repeats}):")
+    print(
+        f"Batch {args.batch_size} with compaction ({len(many)} images; throughput, median of {args.repeats}):"
+    )
     print_table(
         ["threshold", "early img/s", "full img/s", "speedup", "FLOP-ideal", "meas/ideal"],
         [
@@ -200,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{answer_ms[k] / full_ms:.3f}",
             ]
         )
-    comp_rows.append(["full path", f"{costs.full_path / 1e6:.3f}", "1.000", f"{full_ms:.4f}", "1.000"])
+    comp_rows.append(
+        ["full path", f"{costs.full_path / 1e6:.3f}", "1.000", f"{full_ms:.4f}", "1.000"]
+    )
     print(f"Batch-1 component latency (median of {args.component_repeats} calls) beside FLOPs:")
     print_table(["component", "MFLOPs", "of full", "ms", "of full"], comp_rows)
     print(

@@ -17,7 +17,14 @@ from __future__ import annotations
 
 import argparse
 
-from _common import DEFAULT_ARCH, DEFAULT_CLASSES, DEFAULT_INPUT, load_model, print_table, write_json
+from _common import (
+    DEFAULT_ARCH,
+    DEFAULT_CLASSES,
+    DEFAULT_INPUT,
+    load_model,
+    print_table,
+    write_json,
+)
 
 from egt_core.models import exit_costs, flops_per_exit
 
@@ -26,7 +33,9 @@ HEAD_MAX = 0.05
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--arch", default=DEFAULT_ARCH, help="model family (default: %(default)s)")
     p.add_argument(
         "--input",
@@ -37,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         help="input shape (default: 1 28 28)",
     )
     p.add_argument("--classes", type=int, default=DEFAULT_CLASSES, help="number of classes")
-    p.add_argument("--checkpoint", help="count a checkpoint's model (overrides --arch/--input/--classes)")
+    p.add_argument(
+        "--checkpoint", help="count a checkpoint's model (overrides --arch/--input/--classes)"
+    )
     p.add_argument("--json", help="also write the figures to this JSON file")
     args = p.parse_args(argv)
 
@@ -45,19 +56,33 @@ def main(argv: list[str] | None = None) -> int:
     costs = exit_costs(model, shape)
     cumulative = flops_per_exit(model, shape)
     full = costs.full_path
-    source = args.checkpoint or f"untrained build_model({model.arch!r}, {shape[0]}, {model.num_classes}, input_size={shape[1]})"
+    source = (
+        args.checkpoint
+        or f"untrained build_model({model.arch!r}, {shape[0]}, {model.num_classes}, input_size={shape[1]})"
+    )
     print(f"model: {source}")
-    print(f"input: {shape[0]}x{shape[1]}x{shape[2]}, {model.num_exits} exits, full path {full / 1e6:.2f} MFLOPs")
+    print(
+        f"input: {shape[0]}x{shape[1]}x{shape[2]}, {model.num_exits} exits, full path {full / 1e6:.2f} MFLOPs"
+    )
     print()
 
-    print("Answering at each exit (cumulative; early heads on the way included; last row = full path):")
+    print(
+        "Answering at each exit (cumulative, every early head on the way included; the full path is"
+        " the baseline: backbone + final head, no early heads):"
+    )
     rows = []
     for k, flops in enumerate(cumulative):
         label = f"exit {k}" if k < model.num_exits - 1 else f"exit {k} (full path)"
         rows.append([label, f"{flops / 1e6:.2f}", f"{flops / full:.3f}"])
     # What answering at the final exit costs in early-exit mode (every early head was paid).
     last = model.num_exits - 1
-    rows.append([f"exit {last} via early-exit mode", f"{costs.answer_at(last) / 1e6:.2f}", f"{costs.answer_at(last) / full:.3f}"])
+    rows.append(
+        [
+            f"exit {last} via early-exit mode",
+            f"{costs.answer_at(last) / 1e6:.2f}",
+            f"{costs.answer_at(last) / full:.3f}",
+        ]
+    )
     print_table(["", "MFLOPs", "of full"], rows)
     print()
 
