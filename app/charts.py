@@ -30,7 +30,8 @@ def _layout(fig: go.Figure, height: int, **kw: Any) -> go.Figure:
         height=height,
         margin=dict(l=10, r=10, t=40 if kw.get("title") else 10, b=10),
         plot_bgcolor="white",
-        legend=dict(orientation="h", yanchor="top", y=-0.2, xanchor="left", x=0),
+        # below the x-axis title: on top it collides with the chart title in narrow columns
+        legend=dict(orientation="h", yanchor="top", y=-0.32, xanchor="left", x=0),
         **kw,
     )
     fig.update_xaxes(showline=True, linecolor="#cbd5e1", gridcolor="#f1f5f9")

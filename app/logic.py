@@ -337,10 +337,10 @@ def headline_table(reports: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
         for label in labels:
             values[label] = next((v for n, _, v in per_model[label] if n == name), None)
             row[label] = fmt_value(kind, values[label])
-        if len(labels) == 2 and kind != "threshold":
+        if len(labels) == 2:
             a, b = values[labels[0]], values[labels[1]]
             diff = b - a if isinstance(a, int | float) and isinstance(b, int | float) else None
-            row["difference"] = fmt_value(kind, diff, signed=True)
+            row["difference"] = "" if kind == "threshold" else fmt_value(kind, diff, signed=True)
         rows.append(row)
     return rows
 
@@ -556,7 +556,9 @@ def score_line(c: dict[str, Any]) -> str:
     """One early exit's agreement with the final exit, in the page's short form."""
     if c.get("degenerate"):
         return "flat map: no score"
-    return f"r {fmt_score(c['pearson'])} · cos {fmt_score(c['cosine'])} · IoU {fmt_score(c['iou'])}"
+    return (
+        f"r {fmt_score(c['pearson'])} · cos {fmt_score(c['cosine'])}  \nIoU {fmt_score(c['iou'])}"
+    )
 
 
 # --------------------------------------------------------------------------- pictures
@@ -596,11 +598,16 @@ ANSWER_COLOUR = (22, 163, 74)
 QUIET_COLOUR = (226, 232, 240)
 
 
-def _font(size: int) -> ImageFont.ImageFont:
+def _font(size: int) -> tuple[ImageFont.ImageFont, bool]:
+    """DejaVu Sans when the system has it (it has "λ"), else Pillow's font; flag: has λ."""
     try:
-        return ImageFont.load_default(size=size)
+        return ImageFont.truetype("DejaVuSans.ttf", size), True
+    except OSError:
+        pass
+    try:
+        return ImageFont.load_default(size=size), False
     except (TypeError, OSError):  # Pillow without FreeType
-        return ImageFont.load_default()
+        return ImageFont.load_default(), False
 
 
 def compose_png(
@@ -622,7 +629,7 @@ def compose_png(
     height = title_h + len(analysis.models) * (side + text_h + pad) + pad
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
-    big, small = _font(15), _font(12)
+    (big, greek), (small, _) = _font(14), _font(11)
     target = "predicted class" if analysis.target is None else classes[analysis.target]
     draw.text(
         (pad, 10),
@@ -634,7 +641,8 @@ def compose_png(
     for row, m in enumerate(analysis.models):
         y = title_h + row * (side + text_h + pad)
         d = decisions[m.key]
-        draw.text((pad, y + 4), m.label, fill="black", font=big)
+        label = m.label if greek else m.label.replace("λ", "lambda ")
+        draw.text((pad, y + 4), label, fill="black", font=big)
         draw.text(
             (pad, y + 26),
             f"mean Pearson {fmt_score(m.mean_score())}\nanswers at exit {d.exit_index + 1}\n"
@@ -651,7 +659,7 @@ def compose_png(
                 f"{classes[m.predictions[k]]} {m.confidences[k]:.0%}",
             ]
             if k < m.num_exits - 1:
-                lines.append(score_line(m.consistency[k]).replace(" · ", " "))
+                lines.append(" ".join(score_line(m.consistency[k]).replace(" · ", " ").split()))
             else:
                 lines.append("reference map")
             tiles.append((framed(tile, ANSWER_COLOUR if answers else QUIET_COLOUR), lines))

@@ -168,8 +168,9 @@ def explore(settings: views.Settings) -> None:
         if cached
         else f"computed in {elapsed:.2f} s"
     )
+    shown_name = analysis.name.replace("`", "'")  # a file name cannot break the markdown
     st.caption(
-        f"`{analysis.name}` ({w}×{h} {analysis.original_mode}){truth} · each exit explains "
+        f"`{shown_name}` ({w}×{h} {analysis.original_mode}){truth} · each exit explains "
         f"{explained} · {timing}"
     )
     views.headline(shown, decisions)
@@ -205,6 +206,7 @@ def _num_exits(group: logic.CheckpointGroup) -> int:
 
 def main() -> None:
     st.set_page_config(page_title="EGT Explorer", page_icon="🔎", layout="wide")
+    st.set_option("client.toolbarMode", "minimal")  # no "Deploy" button in a shipped app
     logic.use_app_threads()
     found = logic.discover(logic.checkpoint_root())
     settings = views.sidebar(found)

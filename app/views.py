@@ -16,10 +16,10 @@ from . import charts, logic
 VIEWS = ("Baseline and EGT side by side", "Baseline only", "EGT only")
 SOURCES = ("Test image", "My upload")
 UPLOAD_TYPES = ["png", "jpg", "jpeg", "webp", "bmp", "gif", "tiff", "tif"]
-STATE_WORDS = {
-    "answers": ":green-badge[:material/check: answers here]",
-    "passed": ":gray-badge[below threshold]",
-    "skipped": ":gray-badge[not run]",
+STATE_WORDS = {  # coloured words, not badges: badges truncate in narrow columns
+    "answers": ":green[**:material/check_circle: answers here**]",
+    "passed": ":gray[below threshold]",
+    "skipped": ":gray[not run]",
 }
 
 
@@ -254,8 +254,8 @@ def model_panel(
 
 
 def downloads(make_png: Callable[[], bytes], numbers: dict[str, Any], stem: str) -> None:
-    c1, c2, _ = st.columns([1, 1, 3])
-    c1.download_button(
+    row = st.container(horizontal=True)
+    row.download_button(
         "Download panel (PNG)",
         data=make_png,
         file_name=f"egt-{stem}.png",
@@ -264,7 +264,7 @@ def downloads(make_png: Callable[[], bytes], numbers: dict[str, Any], stem: str)
         key="dl_png",
         on_click="ignore",
     )
-    c2.download_button(
+    row.download_button(
         "Download numbers (JSON)",
         data=json.dumps(numbers, indent=1),
         file_name=f"egt-{stem}.json",
@@ -300,7 +300,7 @@ def dataset_view(group: logic.CheckpointGroup) -> None:
         f"{first.get('n', '?')} images. Baseline in grey, EGT in orange."
     )
     st.markdown("##### Headline numbers")
-    st.dataframe(logic.headline_table(reports), hide_index=True, width="stretch")
+    st.dataframe(logic.headline_table(reports), hide_index=True, width="stretch", height="content")
 
     c1, c2 = st.columns(2)
     c1.plotly_chart(charts.accuracy_chart(reports), key="ds_acc")

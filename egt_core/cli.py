@@ -234,7 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"egt {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"egt {args.command}: interrupted", file=sys.stderr)
+        hint = " (continue with the same flags plus --resume)" if args.command == "train" else ""
+        print(f"egt {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
 
 

@@ -9,7 +9,28 @@ from pathlib import Path
 
 import torch
 
-HELP = argparse.ArgumentDefaultsHelpFormatter
+
+class HELP(argparse.RawDescriptionHelpFormatter):
+    """Every option's default in its help line (unless None/False or already stated)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default is None or default is False or default is argparse.SUPPRESS:
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, list | tuple) else default
+        return f"{text} (default: {shown})".strip().replace("%", "%%")
+
+
+EVAL_EXAMPLES = """examples:
+  egt eval --checkpoint checkpoints/fashion-mnist/baseline.safetensors \\
+      --checkpoint checkpoints/fashion-mnist/egt.safetensors --out checkpoints/fashion-mnist
+  egt eval --checkpoint runs/fmnist-egt/best.safetensors --limit 2000 --out report.json"""
+
+EXPLAIN_EXAMPLES = """examples:
+  egt explain shoe.png --checkpoint checkpoints/fashion-mnist/egt.safetensors
+  egt explain *.png --checkpoint runs/shapes-egt/best.safetensors --threshold 0.8 \\
+      --method gradcam --out explanations/"""
 
 
 def add_eval_and_explain(sub: argparse._SubParsersAction) -> None:
@@ -18,41 +39,54 @@ def add_eval_and_explain(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
         help="evaluate checkpoints: accuracy, consistency, threshold sweep, measured speedup",
-        description="Evaluate one or several checkpoints on a dataset's test split and write a "
-        "JSON report (and a short table).",
-        epilog="example: egt eval --checkpoint checkpoints/fashion-mnist/baseline.safetensors "
-        "--checkpoint checkpoints/fashion-mnist/egt.safetensors --limit 2000 --out report.json",
+        description="Evaluate one or several checkpoints on a dataset's test split and write a\n"
+        "JSON report per checkpoint (and print a short table).",
+        epilog=EVAL_EXAMPLES,
         formatter_class=HELP,
     )
-    p.add_argument("--checkpoint", action="append", required=True, help="repeat for several")
-    p.add_argument("--dataset", help="default: the checkpoint's own dataset")
-    p.add_argument("--data-dir")
-    p.add_argument("--limit", type=int, help="first N test images")
+    p.add_argument(
+        "--checkpoint", action="append", required=True, help="a .safetensors file; repeat it"
+    )
+    p.add_argument("--dataset", help="dataset spec (default: the checkpoint's own dataset)")
+    p.add_argument("--data-dir", help="folder with the dataset's raw files (else $EGT_DATA)")
+    p.add_argument("--limit", type=int, help="first N test images (default: all)")
     p.add_argument("--explainer", default="gradcam", help="grad-cam method for consistency")
-    p.add_argument("--thresholds", type=float, nargs="+", default=list(DEFAULT_THRESHOLDS))
+    p.add_argument(
+        "--thresholds",
+        type=float,
+        nargs="+",
+        default=list(DEFAULT_THRESHOLDS),
+        help="confidence thresholds of the sweep (above 1: no early exit)",
+    )
     p.add_argument("--timing-images", type=int, default=500, help="images timed at batch 1")
     p.add_argument("--repeats", type=int, default=3, help="timing repeats (median kept)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--out", help="report JSON (one checkpoint) or folder (several)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="seed for data splits")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--out",
+        help="report file (.json, one checkpoint) or folder (default: print only)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_eval)
 
     q = sub.add_parser(
         "explain",
         help="explain images: per-exit prediction, answering exit, maps and consistency",
-        description="Explain image files with a checkpoint: prints each exit's prediction and "
-        "confidence, which exit answers at the threshold and the consistency scores; writes a "
-        "PNG panel and a JSON file per image.",
-        epilog="example: egt explain shoe.png --checkpoint checkpoints/fashion-mnist/egt.safetensors "
-        "--threshold 0.9 --method gradcam --out explanations/",
+        description="Explain image files with a checkpoint: prints each exit's prediction and\n"
+        "confidence, which exit answers at the threshold and the consistency scores;\n"
+        "writes a PNG panel and a JSON file per image.",
+        epilog=EXPLAIN_EXAMPLES,
         formatter_class=HELP,
     )
     q.add_argument("images", nargs="+", help="image files (png, jpg, webp, bmp, gif, tiff...)")
-    q.add_argument("--checkpoint", required=True)
-    q.add_argument("--threshold", type=float, default=0.9)
+    q.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint")
+    q.add_argument(
+        "--threshold", type=float, default=0.9, help="confidence at which an exit answers"
+    )
     q.add_argument("--method", default="cam", help="cam (trained) or a grad-cam method")
-    q.add_argument("--target-class", help="class name or index (default: final prediction)")
+    q.add_argument(
+        "--target-class", help="class name or index to explain (default: final prediction)"
+    )
     q.add_argument("--invert", action="store_true", help="invert intensities (dark objects)")
     q.add_argument("--out", default="explanations", help="output folder")
     q.set_defaults(func=_cmd_explain)

@@ -1,9 +1,11 @@
 """Per-exit explanation maps for display and evaluation, with one API for every method.
 
 ``explain(model, x, method)`` returns every exit's map for a batch. ``"cam"`` is the trained CAM
-(the map the EGT loss shapes; one forward pass, no gradients). The other methods run the
-`pytorch_grad_cam` package once per exit, so that users can check the trained map against
-standard explainers.
+(the map the EGT loss shapes; one no-grad forward pass). The gradient methods (Grad-CAM,
+Grad-CAM++, XGrad-CAM, LayerCAM, HiResCAM) share one forward pass of the full model: each exit's
+gradient comes from one ``torch.autograd.grad`` of its class logit to its CAM layer, and the
+`pytorch_grad_cam` package's own method code then weights, ReLUs, scales and resizes it, so the
+maps equal the package's per-exit output. Score-CAM and Eigen-CAM run the package once per exit.
 
 grad-cam is made safe for a shared model here (see REFERENCE.md, "grad-cam with a multi-exit
 model"): each exit is wrapped in `ExitSelector` so the package sees one logits tensor, one CAM
@@ -35,6 +37,7 @@ from pytorch_grad_cam import (
     ScoreCAM,
     XGradCAM,
 )
+from pytorch_grad_cam.utils.image import scale_cam_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import Tensor, nn
 
@@ -66,6 +69,10 @@ EXPLAINER_LABELS: dict[str, str] = {
 
 COLORMAPS: tuple[str, ...] = ("jet", "viridis", "inferno", "magma", "turbo", "hot")
 _CV2_COLORMAPS = {name: getattr(cv2, f"COLORMAP_{name.upper()}") for name in COLORMAPS}
+
+# Methods whose map is a function of one layer's activations and gradients only: explain() gets
+# those for every exit from one shared forward pass and hands them to the package's method code.
+_SHARED_FORWARD = frozenset({"gradcam", "gradcam++", "xgradcam", "layercam", "hirescam"})
 
 SCORECAM_BATCH_SIZE = 32  # masked inputs per forward pass: bounds Score-CAM's memory
 
@@ -187,10 +194,81 @@ def _forward(model: MultiExitNet, x: Tensor, classes: Tensor | None):
     model.eval()
     with torch.no_grad():
         outputs = model(x)
-    probs = torch.stack([o.logits.softmax(1) for o in outputs], 1)
+    probs = torch.stack([o.logits for o in outputs], 1).softmax(-1)
     if classes is None:
         classes = outputs[-1].logits.argmax(1)
     return outputs, probs, classes.to(x.device)
+
+
+def _trained_cams(model: MultiExitNet, x: Tensor, classes: Tensor | None, size: tuple[int, int]):
+    """The ``"cam"`` path (called under the lock): one no-grad forward, then one einsum per exit.
+
+    Nothing on the model changes here (no hooks, no gradients), so a model already in eval mode
+    is used as is, without the cost of `preserved_state`; one with any module in train mode is
+    switched to eval and restored.
+    """
+    if any(m.training for m in model.modules()):
+        with preserved_state(model):
+            return _trained_cams(model.eval(), x, classes, size)
+    with torch.no_grad():
+        outputs, probs, classes = _forward(model, x, classes)
+        grid = common_map_size([tuple(o.features.shape[-2:]) for o in outputs])
+        raw = attention_maps(outputs, "cam", classes, size=grid)  # ReLU'd, on the common grid
+        # bilinear weights are convex, so the upsampled ReLU'd maps need no second ReLU
+        maps = F.interpolate(raw, size=size, mode="bilinear", align_corners=False)
+        maps = normalize_maps(maps).clamp_(0, 1)
+    return maps, raw, probs, classes
+
+
+def _cam_object(method: str, model: nn.Module, layers: list[nn.Module]):
+    cam = EXPLAINERS[method](model=model, target_layers=layers)
+    if method == "scorecam":
+        cam.batch_size = SCORECAM_BATCH_SIZE
+    return cam
+
+
+def _shared_forward_maps(model: MultiExitNet, x: Tensor, method: str, classes: Tensor | None):
+    """A gradient method's ``(B, E, H, W)`` maps from ONE forward pass (called under the lock,
+    inside `preserved_state` and with grad enabled).
+
+    `ExitOutput.features` are the outputs of `model.cam_layers()`, the layers grad-cam targets,
+    and each exit's logits are those `ExitSelector` gives grad-cam (the same modules on the same
+    input). ``torch.autograd.grad`` of exit k's summed target logits (what `ClassifierOutputTarget`
+    sums) w.r.t. its features is the gradient grad-cam's tensor hook records, and it only runs
+    back through head k. Parameters are frozen and the input requires grad instead, so no weight
+    gradient is computed. The package's own code then does the rest exactly as
+    `BaseCAM.forward` does after its backward: the method's ``get_cam_image`` on numpy activations
+    and gradients, ReLU, `scale_cam_image` to the input size and ``aggregate_multi_layers``.
+    The CAM object is built with no target layers, so it registers no hooks at all.
+    """
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x_in = x.detach().clone().requires_grad_(True)
+    outputs = model(x_in)
+    probs = torch.stack([o.logits.detach() for o in outputs], 1).softmax(-1)
+    if classes is None:
+        classes = outputs[-1].logits.detach().argmax(1)
+    classes = classes.to(x.device)
+    index = classes[:, None]
+    targets = [ClassifierOutputTarget(int(c)) for c in classes]
+    layers = model.cam_layers()
+    maps = []
+    with _cam_object(method, model, []) as cam:
+        target_size = cam.get_target_width_height(x_in)
+        for k, out in enumerate(outputs):
+            score = out.logits.gather(1, index).sum()
+            (grads,) = torch.autograd.grad(score, out.features, retain_graph=True)
+            activations = out.features.detach().cpu().numpy()
+            image = cam.get_cam_image(
+                x_in, layers[k], targets, activations, grads.cpu().numpy(), False
+            )
+            scaled = scale_cam_image(np.maximum(image, 0), target_size)
+            maps.append(cam.aggregate_multi_layers([scaled[:, None, :]]))
+    if len(maps) != len(outputs):  # grad-cam's __exit__ swallows IndexError: no garbage
+        raise RuntimeError(f"{EXPLAINER_LABELS[method]} failed on exit {len(maps)}")
+    maps = torch.from_numpy(np.stack(maps, 1).astype(np.float32, copy=False)).to(x.device)
+    return outputs, maps, probs, classes
 
 
 def _grad_cam_maps(model: MultiExitNet, x: Tensor, method: str, classes: Tensor) -> Tensor:
@@ -199,7 +277,6 @@ def _grad_cam_maps(model: MultiExitNet, x: Tensor, method: str, classes: Tensor)
     The parameters are frozen and the input made to require grad instead: the target layers'
     outputs still get gradients, and no weight gradients are computed or accumulated.
     """
-    cam_class = EXPLAINERS[method]
     targets = [ClassifierOutputTarget(int(c)) for c in classes]
     for p in model.parameters():
         p.requires_grad_(False)
@@ -208,9 +285,7 @@ def _grad_cam_maps(model: MultiExitNet, x: Tensor, method: str, classes: Tensor)
     maps = []
     for k in range(model.num_exits):
         result = None
-        with cam_class(model=ExitSelector(model, k), target_layers=[layers[k]]) as cam:
-            if method == "scorecam":
-                cam.batch_size = SCORECAM_BATCH_SIZE
+        with _cam_object(method, ExitSelector(model, k), [layers[k]]) as cam:
             result = cam(input_tensor=x_in, targets=targets)
         if result is None:  # grad-cam's __exit__ swallows IndexError: do not return garbage
             raise RuntimeError(f"{EXPLAINER_LABELS[method]} failed on exit {k}")
@@ -233,33 +308,44 @@ def explain(
 
     ``lock`` (default: `model_lock(model)`) is held for the whole call. grad-cam's hooks fire on
     any forward pass through the model, so even the hook-free ``"cam"`` path takes it: its
-    forward pass would otherwise be recorded by another thread's grad-cam run, and its state
-    snapshot could capture (and later restore) grad-cam's temporary eval mode and frozen params.
+    forward pass would otherwise be recorded by another thread's grad-cam run, and it could see
+    (or its state snapshot capture and later restore) grad-cam's temporary eval mode and frozen
+    parameters.
     """
     classes = _check_inputs(model, x, method, target_classes)
     device = next(model.parameters()).device
     x = x.detach().to(device)
     size = tuple(x.shape[-2:])
     lock = model_lock(model) if lock is None else lock
-    # grad-cam needs autograd even if the caller runs under no_grad or inference_mode.
-    with lock, preserved_state(model), torch.inference_mode(False), torch.enable_grad():
-        x = x.clone()  # an inference-mode tensor cannot enter autograd; a clone of it can
-        outputs, probs, classes = _forward(model, x, classes)
-        grid = common_map_size([tuple(o.features.shape[-2:]) for o in outputs])
+    # Results must be ordinary tensors, and grad-cam needs autograd, even if the caller runs
+    # under no_grad or inference_mode.
+    with lock, torch.inference_mode(False):
         if method == "cam":
-            with torch.no_grad():
-                raw = attention_maps(outputs, "cam", classes, size=grid)
-                maps = F.interpolate(raw, size=size, mode="bilinear", align_corners=False)
-        else:
-            maps = _grad_cam_maps(model, x, method, classes).to(device)
-            raw = F.interpolate(maps, size=grid, mode="area")
-    maps = normalize_maps(F.relu(maps)).clamp(0, 1)
-    return Explanation(
-        maps=maps.detach().float().cpu(),
-        raw_maps=F.relu(raw).detach().float().cpu(),
-        probs=probs.detach().float().cpu(),
-        target_classes=classes.detach().cpu(),
-    )
+            maps, raw, probs, classes = _trained_cams(model, x, classes, size)
+            return Explanation(
+                maps=maps.float().cpu(),
+                raw_maps=raw.float().cpu(),
+                probs=probs.float().cpu(),
+                target_classes=classes.cpu(),
+            )
+        with preserved_state(model), torch.enable_grad():
+            x = x.clone()  # an inference-mode tensor cannot enter autograd; a clone of it can
+            if method in _SHARED_FORWARD:
+                outputs, maps, probs, classes = _shared_forward_maps(model, x, method, classes)
+            else:
+                outputs, probs, classes = _forward(model, x, classes)
+                maps = _grad_cam_maps(model, x, method, classes).to(device)
+            grid = common_map_size([tuple(o.features.shape[-2:]) for o in outputs])
+            del outputs  # frees the shared forward's graph
+        with torch.no_grad():
+            raw = F.relu(F.interpolate(maps, size=grid, mode="area"))
+            maps = normalize_maps(F.relu(maps)).clamp_(0, 1)
+        return Explanation(
+            maps=maps.float().cpu(),
+            raw_maps=raw.float().cpu(),
+            probs=probs.detach().float().cpu(),
+            target_classes=classes.detach().cpu(),
+        )
 
 
 def explain_consistency(expl: Explanation, k: float = 0.2) -> list[dict[str, Tensor]]:

@@ -24,6 +24,11 @@ def render_panel(
     ``display`` is ``(H, W, 3)`` in [0, 1]; ``maps`` is ``(E, H, W)`` in [0, 1]; ``exit_labels``
     holds one multi-line caption per exit (prediction, confidence, scores).
     """
+    maps = np.asarray(maps)
+    if maps.ndim != 3 or len(maps) < 1:
+        raise ValueError(f"maps must be (exits, H, W), got shape {maps.shape}")
+    if len(exit_labels) != len(maps):
+        raise ValueError(f"{len(exit_labels)} exit labels for {len(maps)} maps")
     import matplotlib
 
     matplotlib.use("Agg", force=False)

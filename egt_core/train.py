@@ -2,8 +2,11 @@
 
 Resumable by construction: each epoch's data order and augmentation draw from generators seeded by
 ``(seed, epoch)``, the learning rate is a pure function of the step, and a resume file (weights,
-optimizer state, epoch, best score) is replaced atomically at every epoch end. A run killed mid-epoch
-and resumed therefore redoes only that epoch and ends with the same weights as an unbroken run.
+optimizer state, epoch, best score, the settings that decide the weights, and the log so far) is
+replaced atomically at every epoch end. A run killed mid-epoch and resumed therefore redoes only
+that epoch and ends with the same weights and log as an unbroken run; a resume with different
+settings is refused. Every file is written through a temp file and a rename, so whatever a kill
+leaves behind is either the old or the new complete file.
 """
 
 from __future__ import annotations
@@ -66,6 +69,13 @@ class TrainConfig:
     out: str = "runs/model"
     resume: bool = False
     threads: int | None = None
+
+    def __post_init__(self) -> None:
+        # Paths are stored as text: the config goes into JSON (checkpoint metadata, resume state).
+        if isinstance(self.out, os.PathLike):
+            self.out = os.fspath(self.out)
+        if isinstance(self.data_dir, os.PathLike):
+            self.data_dir = os.fspath(self.data_dir)
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
@@ -480,24 +490,28 @@ def _train(
         t0 = time.perf_counter()
         totals = {"loss": 0.0, "consistency": 0.0, "n": 0}
         bar = _progress(loader, progress, f"epoch {epoch + 1}/{cfg.epochs}")
-        for i, (x, y) in enumerate(bar):
-            step = epoch * steps_per_epoch + i
-            for group in opt.param_groups:
-                group["lr"] = learning_rate(cfg, step, total_steps, steps_per_epoch)
-            terms = egt_loss(model(x), y, loss_cfg)
-            if not torch.isfinite(terms.total):
-                raise TrainingError(
-                    f"loss became {float(terms.total)} at epoch {epoch + 1}, step {i + 1}; "
-                    f"stopped ({kept()}). Try a lower --lr or --lambda."
-                )
-            opt.zero_grad(set_to_none=True)
-            terms.total.backward()
-            opt.step()
-            totals["loss"] += float(terms.total.detach()) * len(y)
-            totals["consistency"] += float(sum(c.detach() for c in terms.consistency)) * len(y)
-            totals["n"] += len(y)
+        try:
+            for i, (x, y) in enumerate(bar):
+                step = epoch * steps_per_epoch + i
+                for group in opt.param_groups:
+                    group["lr"] = learning_rate(cfg, step, total_steps, steps_per_epoch)
+                terms = egt_loss(model(x), y, loss_cfg)
+                if not torch.isfinite(terms.total):
+                    raise TrainingError(
+                        f"loss became {float(terms.total.detach())} at epoch {epoch + 1}, "
+                        f"step {i + 1}; stopped ({kept()}). Try a lower --lr or --lambda."
+                    )
+                opt.zero_grad(set_to_none=True)
+                terms.total.backward()
+                opt.step()
+                totals["loss"] += float(terms.total.detach()) * len(y)
+                totals["consistency"] += float(sum(c.detach() for c in terms.consistency)) * len(y)
+                totals["n"] += len(y)
+                if bar is not loader:
+                    bar.set_postfix(loss=f"{totals['loss'] / totals['n']:.3f}")
+        finally:
             if bar is not loader:
-                bar.set_postfix(loss=f"{totals['loss'] / totals['n']:.3f}")
+                bar.close()  # clears the bar, also when the epoch fails
         if not _all_finite(model):
             raise TrainingError(
                 f"the weights became non-finite during epoch {epoch + 1}; stopped ({kept()}). "

@@ -258,7 +258,7 @@ def test_reports(root, tmp_path):
     assert rows["Pearson r, Trained CAM maps"]["difference"] == "+0.300"
     assert rows["Pearson r, Grad-CAM maps"]["Baseline"] == "0.300"
     assert rows["Best threshold (accuracy within 0.5 pt)"]["EGT"] == "0.9"
-    assert "difference" not in rows["Best threshold (accuracy within 0.5 pt)"]
+    assert rows["Best threshold (accuracy within 0.5 pt)"]["difference"] == ""
     assert rows["Speedup at best threshold (batch 1)"]["EGT"] == "1.10x"
     single = logic.headline_table({"EGT": report})
     assert "difference" not in single[0] and len(single) == len(rows)
@@ -298,6 +298,13 @@ def test_analyse_image_maps_probs_scores(pair):
         assert all(-1 <= c["pearson"] <= 1 and not c["degenerate"] for c in m.consistency)
     forced = logic.analyse_image(data, pair, name="x", method="gradcam", target=3)
     assert all(m.target == 3 for m in forced.models)
+
+
+def test_invert_flips_what_the_model_sees(pair):
+    data = SAMPLE.read_bytes()
+    plain = logic.analyse_image(data, pair, name="x").models[0]
+    flipped = logic.analyse_image(data, pair, name="x", invert=True).models[0]
+    np.testing.assert_allclose(flipped.display, 1 - plain.display, atol=1e-6)
 
 
 def test_analyse_image_bad_bytes(pair):

@@ -115,6 +115,7 @@ def test_upload_shows_maps_and_answering_exit(server, tmp_path):
             page.wait_for_timeout(500)  # let the last images paint
             page.screenshot(path=str(ARTIFACTS / "browser.png"), full_page=True)
 
+            page.set_viewport_size({"width": 1600, "height": 2600})
             page.get_by_role("tab", name="Dataset results").click()
             expect(page.get_by_text("Headline numbers")).to_be_visible()
             expect(page.locator(".js-plotly-plot")).to_have_count(6)

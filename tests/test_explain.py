@@ -7,8 +7,12 @@ import threading
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_gray, make_tiny_rgb
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
+import egt_core.explain as explain_module
 from egt_core.explain import (
+    _SHARED_FORWARD,
     COLORMAPS,
     EXPLAINER_LABELS,
     EXPLAINERS,
@@ -19,7 +23,7 @@ from egt_core.explain import (
     overlay,
     preserved_state,
 )
-from egt_core.models import build_model
+from egt_core.models import ExitSelector, build_model
 
 HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
@@ -120,7 +124,81 @@ def test_cam_matches_gradcam_up_to_scale(gray):
         assert torch.allclose(sc["pearson"][keep], sg["pearson"][keep], atol=0.05)
 
 
-@pytest.mark.parametrize("method", ["cam", "gradcam", "scorecam"])
+def package_maps(model, x: torch.Tensor, method: str, classes: torch.Tensor) -> torch.Tensor:
+    """What a grad-cam user gets: one package object and call per exit, ``(B, E, H, W)``."""
+    targets = [ClassifierOutputTarget(int(c)) for c in classes]
+    layers = model.cam_layers()
+    maps = []
+    for k in range(model.num_exits):
+        with EXPLAINERS[method](model=ExitSelector(model, k), target_layers=[layers[k]]) as cam:
+            maps.append(cam(input_tensor=x, targets=targets))
+    model.zero_grad(set_to_none=True)
+    return torch.from_numpy(np.stack(maps, 1))
+
+
+@pytest.mark.parametrize("method", sorted(_SHARED_FORWARD))
+@pytest.mark.parametrize(
+    "factory,shape", [(make_tiny_gray, (6, 1, 28, 28)), (make_tiny_rgb, (4, 3, 32, 32))]
+)
+def test_shared_forward_equals_package_per_exit(method, factory, shape, single_thread):
+    model = factory()
+    torch.manual_seed(3)
+    x = torch.randn(*shape)
+    other = (torch.arange(shape[0]) * 3 + 1) % model.num_classes
+    for classes in (None, other):
+        expl = explain(model, x, method, target_classes=classes)
+        want = package_maps(model, x, method, expl.target_classes)
+        assert expl.maps.shape == want.shape
+        assert (want.flatten(2).amax(-1) > 0.5).sum() >= shape[0], "too few non-trivial maps"
+        assert (expl.maps - want).abs().max() < 1e-4
+        # before explain()'s own display scaling, the maps are the package's, bit for bit
+        with explain_module.preserved_state(model), torch.enable_grad():
+            _, maps, _, _ = explain_module._shared_forward_maps(
+                model, x, method, expl.target_classes
+            )
+        torch.testing.assert_close(maps, want, rtol=0, atol=1e-6)
+        assert hook_count(model) == 0
+
+
+@pytest.mark.parametrize("method", ["gradcam", "hirescam"])
+def test_shared_forward_runs_one_forward_and_registers_no_hooks(gray, method, monkeypatch):
+    calls = []
+    handle = gray.segments[0].register_forward_hook(lambda *a: calls.append(1))
+    registered = []
+    original = torch.nn.Module.register_forward_hook
+
+    def spy(self, *args, **kwargs):
+        registered.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "register_forward_hook", spy)
+    try:
+        explain(gray, torch.randn(2, 1, 28, 28), method)
+    finally:
+        handle.remove()
+    assert len(calls) == 1  # one forward pass for all exits and the prediction
+    assert registered == []
+    assert hook_count(gray) == 0
+
+
+def test_cam_on_eval_model_leaves_it_untouched(gray):
+    params = list(gray.parameters())
+    params[1].requires_grad_(False)
+    p = params[0]
+    p.grad = torch.ones_like(p)
+    grad = p.grad
+    try:
+        expl = explain(gray, torch.randn(2, 1, 28, 28), "cam")
+        assert not any(m.training for m in gray.modules())
+        assert p.grad is grad and torch.equal(grad, torch.ones_like(p))
+        assert [q.requires_grad for q in params] == [i != 1 for i in range(len(params))]
+        assert not expl.maps.requires_grad and hook_count(gray) == 0
+    finally:
+        p.grad = None
+        params[1].requires_grad_(True)
+
+
+@pytest.mark.parametrize("method", ["cam", "gradcam", "layercam", "eigencam", "scorecam"])
 def test_model_state_restored(method):
     model = tiny_gray()
     randomize_bn(model)
@@ -256,11 +334,19 @@ def test_model_lock_is_per_model(gray):
     assert model_lock(gray) is not model_lock(tiny_gray())
 
 
-def test_works_under_inference_mode(gray):
+@pytest.mark.parametrize("method", ["cam", "gradcam", "eigencam"])
+def test_works_under_inference_mode(gray, method):
     x = torch.randn(2, 1, 28, 28)
     with torch.inference_mode():
-        expl = explain(gray, x, "gradcam")
-    torch.testing.assert_close(expl.maps, explain(gray, x, "gradcam").maps)
+        expl = explain(gray, x, method)
+    again = explain(gray, x, method)
+    for got, want in zip(
+        (expl.maps, expl.raw_maps, expl.probs),
+        (again.maps, again.raw_maps, again.probs),
+        strict=True,
+    ):
+        assert not got.is_inference()  # ordinary tensors, usable outside inference mode
+        torch.testing.assert_close(got, want)
 
 
 def test_explain_consistency(gray):

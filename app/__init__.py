@@ -1,0 +1,1 @@
+"""EGT Explorer Streamlit app: `streamlit run app/streamlit_app.py`."""
