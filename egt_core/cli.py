@@ -111,7 +111,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--attention", choices=["cam", "activation", "gradcam"], help="maps the loss compares"
     )
-    p.add_argument("--distance", choices=["cosine", "mse"], help="map distance in the loss")
+    p.add_argument(
+        "--distance", choices=["cosine", "mse", "pearson"], help="map distance in the loss"
+    )
     p.add_argument(
         "--exit-weights",
         type=float,

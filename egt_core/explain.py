@@ -190,8 +190,8 @@ def _check_inputs(
 
 
 def _forward(model: MultiExitNet, x: Tensor, classes: Tensor | None):
-    """One eval-mode forward pass: exit outputs, probabilities and the classes to explain."""
-    model.eval()
+    """One no-grad forward pass (of a model in eval mode): exit outputs, probabilities and the
+    classes to explain."""
     with torch.no_grad():
         outputs = model(x)
     probs = torch.stack([o.logits for o in outputs], 1).softmax(-1)
@@ -244,7 +244,7 @@ def _shared_forward_maps(model: MultiExitNet, x: Tensor, method: str, classes: T
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    x_in = x.detach().clone().requires_grad_(True)
+    x_in = x.detach().requires_grad_(True)  # explain() passes its own copy of the input
     outputs = model(x_in)
     probs = torch.stack([o.logits.detach() for o in outputs], 1).softmax(-1)
     if classes is None:
@@ -333,7 +333,7 @@ def explain(
             if method in _SHARED_FORWARD:
                 outputs, maps, probs, classes = _shared_forward_maps(model, x, method, classes)
             else:
-                outputs, probs, classes = _forward(model, x, classes)
+                outputs, probs, classes = _forward(model.eval(), x, classes)
                 maps = _grad_cam_maps(model, x, method, classes).to(device)
             grid = common_map_size([tuple(o.features.shape[-2:]) for o in outputs])
             del outputs  # frees the shared forward's graph

@@ -16,14 +16,14 @@ from torch import Tensor
 from .attention import ATTENTION_KINDS, attention_maps
 from .models import ExitOutput
 
-DISTANCES = ("cosine", "mse")
+DISTANCES = ("cosine", "mse", "pearson")
 
 
 @dataclass
 class EGTLossConfig:
     lam: float = 1.0  # weight of the consistency term; 0 gives the baseline
     attention: str = "cam"  # one of ATTENTION_KINDS
-    distance: str = "cosine"  # "cosine": 1 - cos; "mse": MSE of L2-normalised maps
+    distance: str = "cosine"  # 1 - cos | MSE of L2-normalised maps | 1 - Pearson (mean-centred)
     exit_weights: Sequence[float] | None = None  # per-exit CE weights; None = all 1.0
     detach_final: bool = True  # treat the final exit's map as a fixed teacher
 
@@ -44,14 +44,22 @@ class LossTerms:
 
 
 def map_distance(a: Tensor, b: Tensor, distance: str = "cosine") -> Tensor:
-    """Mean distance between two batches of maps ``(B, H, W)``."""
-    a = F.normalize(a.flatten(1), dim=1, eps=1e-8)
-    b = F.normalize(b.flatten(1), dim=1, eps=1e-8)
-    if distance == "cosine":
-        return (1 - (a * b).sum(1)).mean()
+    """Mean distance between two batches of maps ``(B, H, W)``.
+
+    ``pearson`` is ``1 - cosine`` of the mean-centred maps: it ignores the map's constant part,
+    which for non-negative maps keeps plain cosine near 1 and its gradient small.
+    """
+    if distance not in DISTANCES:
+        raise ValueError(f"unknown distance {distance!r}")
+    a, b = a.flatten(1), b.flatten(1)
+    if distance == "pearson":
+        a = a - a.mean(1, keepdim=True)
+        b = b - b.mean(1, keepdim=True)
+    a = F.normalize(a, dim=1, eps=1e-8)
+    b = F.normalize(b, dim=1, eps=1e-8)
     if distance == "mse":
         return F.mse_loss(a, b)
-    raise ValueError(f"unknown distance {distance!r}")
+    return (1 - (a * b).sum(1)).mean()
 
 
 def egt_loss(outputs: Sequence[ExitOutput], targets: Tensor, config: EGTLossConfig) -> LossTerms:

@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=12000)
     p.add_argument("--tolerance", type=float, default=0.5, help="accuracy points")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--distance", default="cosine", help="consistency distance (see egt train)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
                 epochs=args.epochs,
                 limit=args.limit,
                 lam=lam,
+                distance=args.distance,
                 seed=args.seed,
                 threads=args.threads,
                 out=tmp,

@@ -21,7 +21,13 @@ from egt_core.train import BEST, LAST, LOG, STATE, TrainConfig, _read_state, tra
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs SIGKILL")
 
 EPOCHS = 4
-SETTINGS = {"model_options": TINY_OPTIONS, "batch_size": 32, "threads": 1, "lam": 1.0}
+SETTINGS = {
+    "model_options": TINY_OPTIONS,
+    "batch_size": 32,
+    "threads": 1,
+    "lam": 1.0,
+    "val_limit": 64,
+}
 
 
 def egt_command() -> list[str]:
@@ -77,7 +83,7 @@ def watch(proc: subprocess.Popen, out: Path, checked: list[str], until=None, tim
             return
         if proc.poll() is not None:
             return
-        time.sleep(0.05)
+        time.sleep(0.1)
     proc.kill()
     raise AssertionError("training did not finish in time")
 
