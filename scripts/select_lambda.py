@@ -28,10 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--distance", default="cosine", help="consistency distance (see egt train)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True)
+    p.add_argument("--rechoose", help="re-apply the rule to the runs in this sweep JSON (no training)")
     args = p.parse_args(argv)
     lambdas = sorted(set([0.0, *args.lambdas]))
-    results = []
-    for lam in lambdas:
+    results = json.loads(Path(args.rechoose).read_text())["runs"] if args.rechoose else []
+    for lam in [] if args.rechoose else lambdas:
         with tempfile.TemporaryDirectory() as tmp:
             cfg = TrainConfig(
                 dataset=args.dataset,
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": results,
         "chosen_lambda": chosen["lambda"] if chosen else None,
     }
+    report["settings"]["lambdas"] = [r["lambda"] for r in results]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"chosen lambda: {report['chosen_lambda']}")
