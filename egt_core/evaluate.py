@@ -326,10 +326,8 @@ def evaluate_checkpoint(
     batched_size = 256
     with torch.inference_mode():
         outs = [fused(b) for b in images.split(batched_size)]
-    accuracy = [
-        float(torch.cat([o[k].logits.argmax(1) for o in outs]).eq(labels).float().mean())
-        for k in range(model.num_exits)
-    ]
+    predictions = [torch.cat([o[k].logits.argmax(1) for o in outs]) for k in range(len(outs[0]))]
+    accuracy = [float(p.eq(labels).float().mean()) for p in predictions]
     del outs
     kind = meta.get("train_config", {}).get("attention", "cam")
     trained = consistency_report(trained_maps(model, kind), images, kind, progress=tick)
@@ -364,6 +362,7 @@ def evaluate_checkpoint(
         "classes": meta["classes"],
         "training": {k: cfg.get(k) for k in ("lam", "attention", "distance", "epochs", "seed")},
         "accuracy": accuracy,
+        "predictions": [p.tolist() for p in predictions],  # per exit, per test image
         "consistency": {"trained": trained, "explainer": independent},
         "flops": {
             "segments": costs.segments,
