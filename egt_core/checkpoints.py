@@ -58,6 +58,9 @@ def atomic_save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta
         save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in meta.items()})
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would surprise whoever shares the file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

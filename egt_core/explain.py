@@ -19,7 +19,6 @@ Maps are for display and scoring only: nothing here is differentiable or used by
 from __future__ import annotations
 
 import threading
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,7 +42,7 @@ from torch import Tensor, nn
 
 from .attention import attention_maps, normalize_maps
 from .consistency import exit_consistency
-from .models import ExitSelector, MultiExitNet, common_map_size
+from .models import ExitSelector, MultiExitNet, common_map_size, model_lock
 
 EXPLAINERS: dict[str, type | None] = {
     "cam": None,  # the trained CAM, computed by `attention.attention_maps` without grad-cam
@@ -105,21 +104,6 @@ class Explanation:
 
 
 # --------------------------------------------------------------------------- state and locks
-
-_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.Lock] = weakref.WeakKeyDictionary()
-_LOCKS_GUARD = threading.Lock()
-
-
-def model_lock(model: nn.Module) -> threading.Lock:
-    """The lock shared by every caller explaining ``model`` (created on first use).
-
-    Keyed weakly, so a model dropped from a cache takes its lock with it.
-    """
-    with _LOCKS_GUARD:
-        lock = _LOCKS.get(model)
-        if lock is None:
-            lock = _LOCKS[model] = threading.Lock()
-        return lock
 
 
 @contextmanager
@@ -298,7 +282,7 @@ def explain(
     x: Tensor,
     method: str = "cam",
     target_classes: Tensor | None = None,
-    lock: threading.Lock | None = None,
+    lock: threading.RLock | None = None,
 ) -> Explanation:
     """Every exit's explanation of one class per image, for a batch ``x`` of ``(B, C, H, W)``.
 

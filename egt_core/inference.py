@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .models import ExitCosts, MultiExitNet
+from .models import ExitCosts, MultiExitNet, model_lock
 
 
 @dataclass
@@ -38,6 +38,13 @@ def predict(
     """
     if model.training:
         raise ValueError("predict needs an eval-mode model: call model.eval() first")
+    with model_lock(model):  # no interleaving with another session's grad-cam hooks
+        return _predict_chunks(model, x, threshold, chunk_rows)
+
+
+def _predict_chunks(
+    model: MultiExitNet, x: Tensor, threshold: float, chunk_rows: int
+) -> EarlyExitResult:
     if x.shape[0] > chunk_rows:
         parts = [_predict(model, c, threshold) for c in x.split(chunk_rows)]
         return EarlyExitResult(

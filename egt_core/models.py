@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import math
+import threading
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -251,3 +253,22 @@ def feature_grid(model: MultiExitNet, input_size: Sequence[int]) -> list[tuple[i
 def common_map_size(sizes: Sequence[tuple[int, int]]) -> tuple[int, int]:
     """The largest map among the exits: every map is resized to it before comparing."""
     return max(sizes, key=lambda s: math.prod(s))
+
+
+_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: nn.Module) -> threading.RLock:
+    """The lock every forward pass on a shared ``model`` takes (created on first use).
+
+    grad-cam's hooks record *any* forward pass through the model, so explanations and plain
+    predictions on a model shared by several sessions must not interleave. Re-entrant, so a caller
+    holding it can still call `predict` or `explain`; keyed weakly, so a model dropped from a cache
+    takes its lock with it.
+    """
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.RLock()
+        return lock
