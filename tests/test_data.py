@@ -2,7 +2,6 @@
 
 import gzip
 import pickle
-import time
 from pathlib import Path
 
 import numpy as np
@@ -214,17 +213,6 @@ def test_shapes_normalisation_constants_match_the_data() -> None:
     std = xs.std(dim=(0, 2, 3))
     assert torch.allclose(mean, torch.tensor(data.SHAPES_MEAN), atol=0.04)
     assert torch.allclose(std, torch.tensor(data.SHAPES_STD), atol=0.04)
-
-
-def test_shapes_generation_is_fast() -> None:
-    ds = data.ShapesDataset("test", seed=0, size=64)
-    ds[0]
-    start = time.perf_counter()
-    for i in range(64):
-        ds[i]
-    per_image = (time.perf_counter() - start) / 64
-    # Target is < 1 ms; the bound is loose because CI shares its CPUs.
-    assert per_image < 0.005, f"{per_image * 1e3:.2f} ms per image"
 
 
 # --------------------------------------------------------------------------------------------
