@@ -33,7 +33,9 @@ def _state(model: torch.nn.Module) -> tuple:
     )
 
 
-def test_eight_threads_of_explanations_match_sequential_results():
+def test_eight_threads_of_explanations_match_sequential_results(single_thread):
+    """One intra-op thread per call, as the app runs: 8 callers x 2 OpenMP threads on 2 cores
+    would measure oversubscription, not correctness."""
     model = make_tiny_gray(seed=3).eval()
     torch.manual_seed(0)
     images = torch.randn(THREADS * CALLS, 1, 1, 28, 28)
