@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--distance", default="cosine", help="consistency distance (see egt train)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True)
-    p.add_argument("--rechoose", help="re-apply the rule to the runs in this sweep JSON (no training)")
+    p.add_argument(
+        "--rechoose", help="re-apply the rule to the runs in this sweep JSON (no training)"
+    )
     args = p.parse_args(argv)
     lambdas = sorted(set([0.0, *args.lambdas]))
     results = json.loads(Path(args.rechoose).read_text())["runs"] if args.rechoose else []
