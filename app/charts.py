@@ -98,7 +98,7 @@ def accuracy_chart(reports: dict[str, dict]) -> go.Figure:
             fig.add_hline(y=rep["accuracy"][-1], line_dash="dot", line_color=colour, opacity=0.6)
     _layout(fig, 360, title="Accuracy vs exit threshold (dotted: final exit only)")
     fig.update_xaxes(title="exit threshold")
-    fig.update_yaxes(title="test accuracy", tickformat=".0%")
+    fig.update_yaxes(title="test accuracy", tickformat=".1%")
     return fig
 
 
