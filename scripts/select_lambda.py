@@ -14,7 +14,23 @@ import sys
 import tempfile
 from pathlib import Path
 
-from egt_core.train import TrainConfig, train
+from egt_core.checkpoints import read_metadata
+from egt_core.train import BEST, TrainConfig, train
+
+
+def _run_row(folder: Path) -> dict:
+    """Validation metrics of a finished run's best checkpoint, in the sweep's row format."""
+    meta = read_metadata(folder / BEST)
+    val = meta["metrics"]["val"]
+    pearson = [c["pearson"] for c in val["consistency"]]
+    return {
+        "lambda": meta["train_config"]["lam"],
+        "run": str(folder),
+        "epoch": meta["epoch"],
+        "val_accuracy": val["accuracy"],
+        "val_pearson": pearson,
+        "mean_val_pearson": sum(pearson) / len(pearson),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     lambdas = sorted(set([0.0, *args.lambdas]))
     results = json.loads(Path(args.rechoose).read_text())["runs"] if args.rechoose else []
-    for lam in [] if args.rechoose else lambdas:
+    if args.from_runs:
+        results = [_run_row(Path(d)) for d in args.from_runs]
+    for lam in [] if args.rechoose or args.from_runs else lambdas:
         with tempfile.TemporaryDirectory() as tmp:
             cfg = TrainConfig(
                 dataset=args.dataset,
@@ -69,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": vars(args),
         "runs": results,
         "chosen_lambda": chosen["lambda"] if chosen else None,
+        "chosen_run": chosen.get("run") if chosen else None,
     }
     report["settings"]["lambdas"] = [r["lambda"] for r in results]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
