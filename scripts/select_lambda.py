@@ -47,6 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--rechoose", help="re-apply the rule to the runs in this sweep JSON (no training)"
     )
+    p.add_argument(
+        "--from-runs",
+        nargs="+",
+        help="choose among finished full-length training folders (their best checkpoint's "
+        "validation metrics) instead of training short runs",
+    )
     args = p.parse_args(argv)
     lambdas = sorted(set([0.0, *args.lambdas]))
     results = json.loads(Path(args.rechoose).read_text())["runs"] if args.rechoose else []
