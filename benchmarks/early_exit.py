@@ -32,20 +32,11 @@ from _common import (
 )
 
 from egt_core.evaluate import component_latency, measured_speedup
-from egt_core.inference import expected_flops, flop_ideal_speedup, predict
+from egt_core.inference import exit_mix, expected_flops, flop_ideal_speedup, predict
 from egt_core.models import exit_costs, fuse_for_inference
 
 DEFAULT_THRESHOLDS = (0.9, 0.95, 0.99, 0.995, 0.999)
 FULL = 2.0  # any threshold > 1 runs the full path
-
-
-def batched_predict(model, images, threshold, batch_size):
-    preds, exits = [], []
-    for b in images.split(batch_size):
-        r = predict(model, b, threshold)
-        preds.append(r.prediction)
-        exits.append(r.exit_index)
-    return torch.cat(preds), torch.cat(exits)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     # Final-exit accuracy: the full path's answer on the same images.
-    full_pred, _ = batched_predict(fused, many, FULL, args.batch_size)
+    full_pred = predict(fused, many, FULL).prediction
     final_acc = float((full_pred == many_labels).float().mean())
     print(f"final-exit accuracy (full path): {final_acc:.4f} on {len(many)} images")
     print()
@@ -114,16 +105,15 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for t in args.threshold:
-        pred, exits = batched_predict(fused, many, t, args.batch_size)
-        mix = exit_mix_counts(exits, E)
+        batched = predict(fused, many, t)
+        pred, mix = batched.prediction, exit_mix(batched, E)
         # Decisions at batch 1 (the timed images) must equal the batched ones (compaction).
         exits1 = torch.cat([predict(fused, x, t).exit_index for x in one.split(1)])
-        _, exits_b = batched_predict(fused, one, t, args.batch_size)
-        same = bool(torch.equal(exits1, exits_b))
-        mix1 = exit_mix_counts(exits1, E)
+        same = bool(torch.equal(exits1, predict(fused, one, t).exit_index))
+        mix1 = torch.bincount(exits1, minlength=E).tolist()
         b1 = measured_speedup(fused, one, t, batch_size=1, repeats=args.repeats)
         bb = measured_speedup(fused, many, t, batch_size=args.batch_size, repeats=args.repeats)
-        ideal, ideal1 = flop_ideal_speedup(mix, costs), flop_ideal_speedup(mix1, costs)
+        ideal, ideal1 = flop_ideal_speedup(mix, costs, t), flop_ideal_speedup(mix1, costs, t)
         rows.append(
             {
                 "threshold": t,
@@ -131,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                 "final_accuracy": final_acc,
                 "exit_mix": mix,
                 "exit_fraction": [m / len(many) for m in mix],
-                "flop_fraction": expected_flops(mix, costs) / costs.full_path,
+                "flop_fraction": expected_flops(mix, costs, t) / costs.full_path,
                 "flop_ideal_speedup": ideal,
                 "batch1": {
                     **b1,
@@ -288,10 +278,6 @@ def main(argv: list[str] | None = None) -> int:
         },
     )
     return 0
-
-
-def exit_mix_counts(exit_index: torch.Tensor, num_exits: int) -> list[int]:
-    return torch.bincount(exit_index, minlength=num_exits).tolist()
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from .checkpoints import library_versions, load_checkpoint
 from .consistency import METRICS, exit_consistency
 from .data import limit as limit_dataset
 from .data import load_dataset
-from .inference import exit_mix, expected_flops, predict
+from .inference import exit_mix, expected_flops, flop_ideal_speedup, predict
 from .models import MultiExitNet, exit_costs, fuse_for_inference
 
 DEFAULT_THRESHOLDS = (0.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.01)
@@ -115,15 +115,6 @@ def consistency_report(
 # ------------------------------------------------------------------ timing
 
 
-def time_per_sample(fn: Callable[[Tensor], object], batches: Sequence[Tensor]) -> float:
-    """Seconds per sample to run ``fn`` over ``batches`` once."""
-    n = sum(len(b) for b in batches)
-    t0 = time.perf_counter()
-    for b in batches:
-        fn(b)
-    return (time.perf_counter() - t0) / n
-
-
 def measured_speedup(
     model: MultiExitNet, images: Tensor, threshold: float, batch_size: int, repeats: int = 3
 ) -> dict[str, float]:
@@ -209,22 +200,17 @@ def threshold_sweep(
     timing = images[:timing_images]
     batched_timing = images[:batched_timing_images]
     for t in thresholds:
-        preds, exits = [], []
-        for b in images.split(batched_size):
-            r = predict(fused, b, t)
-            preds.append(r.prediction)
-            exits.append(r.exit_index)
-        pred, exit_index = torch.cat(preds), torch.cat(exits)
-        mix = torch.bincount(exit_index, minlength=model.num_exits).tolist()
-        flops = costs.full_path if t > 1 else expected_flops(mix, costs)
+        result = predict(fused, images, t)
+        mix = exit_mix(result, model.num_exits)
+        flops = expected_flops(mix, costs, threshold=t)
         row = {
             "threshold": t,
-            "accuracy": float((pred == labels).float().mean()),
+            "accuracy": float((result.prediction == labels).float().mean()),
             "exit_mix": mix,
             "exit_fraction": [m / len(labels) for m in mix],
             "expected_flops": flops,
             "flop_fraction": flops / costs.full_path,
-            "flop_ideal_speedup": costs.full_path / flops,
+            "flop_ideal_speedup": flop_ideal_speedup(mix, costs, threshold=t),
         }
         if timing_images > 0 and len(timing) > 0:
             one = measured_speedup(fused, timing, t, batch_size=1, repeats=repeats)
@@ -413,5 +399,4 @@ __all__ = [
     "measured_speedup",
     "component_latency",
     "best_operating_point",
-    "exit_mix",
 ]

@@ -95,15 +95,21 @@ def exit_mix(result: EarlyExitResult, num_exits: int) -> list[int]:
     return torch.bincount(result.exit_index, minlength=num_exits).tolist()
 
 
-def expected_flops(mix: list[int], costs: ExitCosts) -> float:
-    """Average FLOPs per sample for an exit mix; the final exit also pays for the early heads."""
+def expected_flops(mix: list[int], costs: ExitCosts, threshold: float | None = None) -> float:
+    """Average FLOPs per sample for an exit mix; the final exit also pays for the early heads.
+
+    With ``threshold > 1`` `predict` runs the plain full path (no early heads), so every sample
+    costs exactly ``costs.full_path``.
+    """
     total = sum(mix)
     if total == 0:
         return 0.0
+    if threshold is not None and threshold > 1:
+        return float(costs.full_path)
     return sum(m * costs.answer_at(k) for k, m in enumerate(mix)) / total
 
 
-def flop_ideal_speedup(mix: list[int], costs: ExitCosts) -> float:
+def flop_ideal_speedup(mix: list[int], costs: ExitCosts, threshold: float | None = None) -> float:
     """Full-path FLOPs over expected early-exit FLOPs: the speedup if time followed FLOPs."""
-    expected = expected_flops(mix, costs)
+    expected = expected_flops(mix, costs, threshold)
     return costs.full_path / expected if expected else 1.0

@@ -235,10 +235,6 @@ def fuse_for_inference(model: MultiExitNet) -> MultiExitNet:
     return fused
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def feature_grid(model: MultiExitNet, input_size: Sequence[int]) -> list[tuple[int, int]]:
     """Spatial size of each exit's CAM map for a ``(C, H, W)`` input."""
     was_training = model.training

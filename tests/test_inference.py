@@ -236,6 +236,14 @@ def test_flop_ideal_speedup(costs):
     )
 
 
+def test_threshold_above_one_costs_the_plain_full_path(costs):
+    # predict runs no early head when threshold > 1, so the mix [0, 0, n] costs the full path
+    assert expected_flops([0, 0, 4], costs, threshold=1.01) == costs.full_path
+    assert flop_ideal_speedup([0, 0, 4], costs, threshold=1.01) == 1.0
+    assert expected_flops([0, 0, 4], costs, threshold=0.9) == costs.answer_at(2)
+    assert expected_flops([0, 0, 0], costs, threshold=1.01) == 0.0
+
+
 def test_mix_from_predict_matches_costs(cases):
     model, x = cases[0]
     c = exit_costs(model, (1, 28, 28))
